@@ -1,0 +1,193 @@
+"""``taskcodec``: train, evaluate and use learned image codecs.
+
+Thin Click commands over library functions. Heavy modules (torch, mlflow) are imported inside
+the commands, so ``--help`` answers at once. Any taskcodec error ends as one ``Error:`` line
+with exit status 2; a run stopped by SIGTERM/SIGUSR1 after writing its checkpoint exits 75.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from taskcodec import __version__
+from taskcodec.cli.options import config_command
+from taskcodec.config import EvalConfig, TrainConfig
+from taskcodec.errors import TaskcodecError
+
+PREEMPTED_EXIT = 75  # keep in sync with taskcodec.engine.PREEMPTED_EXIT (no torch import here)
+
+
+class _Group(click.Group):
+    """Turns taskcodec errors into one line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TaskcodecError as err:
+            click.echo(f"Error: {err}", err=True)
+            sys.exit(2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "mlflow", "urllib3", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+                                           "max_content_width": 100})
+@click.version_option(__version__, prog_name="taskcodec")
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def cli(verbose: bool) -> None:
+    """Learned image compression for humans and machines.
+
+    \b
+    Examples:
+      taskcodec train --codec bmshj2018-hyperprior --lmbda 0.0067 --epochs 100
+      taskcodec evaluate --checkpoint RUN_ID
+      taskcodec compress photo.png -o photo.tcd --checkpoint RUN_ID
+      taskcodec decompress photo.tcd -o photo.png --checkpoint RUN_ID
+
+    Runs go to $MLFLOW_TRACKING_URI, or to ./mlflow.db when it is unset
+    (see them with `make mlflow-ui`); the experiment is $MLFLOW_EXPERIMENT_NAME or "taskcodec".
+    """
+    _setup_logging(verbose)
+
+
+@cli.command()
+@config_command(TrainConfig)
+def train(config: TrainConfig) -> None:
+    """Train a codec as one MLflow run (resumable, preemption-safe).
+
+    \b
+    Examples:
+      taskcodec train --lmbda 0.0483 --patch-size 256 --epochs 200
+      taskcodec train --data ~/data/clic.tar --codec mbt2018-mean --N 192 --M 320
+      taskcodec train --init-from RUN_ID --lmbda 0.0035     # fine-tune to a new lambda
+      taskcodec train --resume RUN_ID                       # continue where it stopped
+    """
+    from taskcodec.engine import is_preemption, train as run_training
+
+    try:
+        run_id = run_training(config)
+    except BaseException as err:
+        if is_preemption(err):
+            sys.exit(PREEMPTED_EXIT)
+        raise
+    click.echo(run_id)
+
+
+@cli.command()
+@config_command(EvalConfig)
+@click.option("--output-dir", type=click.Path(path_type=Path), default=None,
+              help="also keep the per-image CSV and the reconstructions picture here")
+def evaluate(config: EvalConfig, output_dir: Path | None) -> None:
+    """Compress and decode every image with real bitstreams; log bpp, PSNR, MS-SSIM.
+
+    \b
+    Examples:
+      taskcodec evaluate --checkpoint RUN_ID
+      taskcodec evaluate --checkpoint checkpoints/RUN_ID/best.pt --data ~/data/kodak
+    """
+    from taskcodec.evaluate import evaluate as run_evaluation, format_table
+
+    result = run_evaluation(config, output_dir)
+    rows = [(result["codec"], result["summary"])]
+    summary = result["summary"]
+    if "jpeg_bpp" in summary:
+        rows.append(("JPEG (Pillow), nearest bpp",
+                     {k: summary[f"jpeg_{k}"] for k in ("bpp", "psnr", "ms_ssim")}))
+    click.echo(format_table(rows))
+    click.echo(f"MLflow run: {result['run_id']}")
+
+
+def _read_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    from taskcodec.data.transforms import to_float, to_rgb, to_uint8_tensor
+
+    try:
+        with Image.open(path) as img:
+            return to_float(to_uint8_tensor(to_rgb(img)))
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise click.BadParameter(f"cannot read image {path}: {err}") from None
+
+
+_CKPT = click.option("--checkpoint", "-c", required=True, envvar="TASKCODEC_CHECKPOINT",
+                     metavar="RUN_ID|PATH",
+                     help="MLflow run id or checkpoint file [env: TASKCODEC_CHECKPOINT]")
+_WHICH = click.option("--which", type=click.Choice(["best", "last"]), default="best",
+                      show_default=True, help="which checkpoint of the run")
+
+
+@cli.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="compressed file to write")
+@_CKPT
+@_WHICH
+def compress(image: Path, output: Path, checkpoint: str, which: str) -> None:
+    """Compress IMAGE into a taskcodec bitstream file.
+
+    \b
+    Example:
+      taskcodec compress kodim01.png -o kodim01.tcd --checkpoint RUN_ID
+    """
+    from taskcodec import bitstream
+    from taskcodec.codecs.loading import load_codec
+
+    x = _read_image(image)
+    codec = load_codec(checkpoint, which)
+    data = codec.compress(x)
+    bitstream.write_bytes(output, data)
+    h, w = x.shape[-2:]
+    click.echo(f"{output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp "
+               f"({w}x{h}, {codec.name} {codec.fingerprint})", err=True)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="PNG to write")
+@_CKPT
+@_WHICH
+def decompress(file: Path, output: Path, checkpoint: str, which: str) -> None:
+    """Decode a taskcodec bitstream FILE into an image.
+
+    \b
+    Example:
+      taskcodec decompress kodim01.tcd -o kodim01.png --checkpoint RUN_ID
+    """
+    from PIL import Image
+
+    from taskcodec.codecs.loading import load_codec
+    from taskcodec.errors import BitstreamError
+
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise BitstreamError(f"cannot read {file}: {err.strerror}") from None
+    codec = load_codec(checkpoint, which)
+    try:
+        x_hat = codec.decompress(data)
+    except BitstreamError as err:
+        raise BitstreamError(f"{file}: {err}") from None
+    array = x_hat[0].mul(255).round().byte().permute(1, 2, 0).numpy()
+    tmp = output.with_name(f".{output.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG")
+    os.replace(tmp, output)
+    click.echo(f"{output}: {array.shape[1]}x{array.shape[0]}", err=True)
+
+
+def main() -> None:
+    cli(prog_name="taskcodec")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Click options generated from a config dataclass, so the CLI, MLProject and the config
+never disagree. Each field ``lmbda`` becomes ``--lmbda`` (``patch_size`` answers to both
+``--patch-size`` and ``--patch_size``, the spelling ``mlflow run`` uses for extra params)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import click
+
+from taskcodec.config import Config, _type_of
+
+# Numbers and booleans are parsed by the config, which accepts what MLflow renders ("128.0"
+# for an integer declared as float in MLProject) and names the setting in its error.
+_CLICK_TYPES = {int: click.STRING, float: click.STRING, bool: click.STRING, str: click.STRING}
+_METAVARS = {int: "INTEGER", float: "FLOAT", bool: "BOOL", str: "TEXT"}
+
+
+def config_options(config_cls: type[Config]) -> Callable:
+    """Decorate a command with one option per config field (defaults shown in --help)."""
+
+    def decorator(func: Callable) -> Callable:
+        for f in reversed(config_cls.fields()):
+            meta = f.metadata
+            kind = _type_of(f)
+            names = [f"--{f.name.replace('_', '-')}"]
+            if "_" in f.name:
+                names.append(f"--{f.name}")
+            click_type = (click.Choice(meta["choices"]) if meta.get("choices")
+                          else _CLICK_TYPES[kind])
+            metavar = None if meta.get("choices") else _METAVARS[kind]
+            func = click.option(*names, f.name, type=click_type, default=None, metavar=metavar,
+                                help=f"{meta['help']} [default: {_show(f.default)}]")(func)
+        return func
+
+    return decorator
+
+
+def _show(value: Any) -> str:
+    return '""' if value == "" else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def build_config(config_cls: type[Config], values: dict[str, Any]) -> Config:
+    """The config from the options the user gave (unset options keep their defaults)."""
+    given = {k: v for k, v in values.items() if v is not None}
+    return config_cls.from_dict(given)
+
+
+def config_command(config_cls: type[Config]) -> Callable:
+    """Collect the generated options into one ``config`` argument of the command."""
+
+    def decorator(func: Callable) -> Callable:
+        names = {f.name for f in dataclasses.fields(config_cls)}
+
+        @functools.wraps(func)
+        def wrapper(**kwargs):
+            values = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            return func(build_config(config_cls, values), **kwargs)
+
+        return config_options(config_cls)(wrapper)
+
+    return decorator

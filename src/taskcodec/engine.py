@@ -1,0 +1,417 @@
+"""Training: ``train(config)`` runs one MLflow run from start (or from where it stopped) to end.
+
+The loop is CompressAI's (main optimizer on the transforms, a second optimizer on the entropy
+bottlenecks' quantiles, gradient clipping) plus what a platform owes its users: validation with
+a monitored metric, a learning-rate schedule, early stopping, atomic checkpoints (last and
+best) uploaded to MLflow, resuming the same run with metric steps continuing, checkpoint-and-exit
+on SIGTERM/SIGUSR1 (preemption), and a clear stop on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from taskcodec import checkpoints, tracking
+from taskcodec.codecs import build_codec
+from taskcodec.config import TrainConfig
+from taskcodec.data import build_dataset
+from taskcodec.data.transforms import crop_padding, pad_to_multiple
+from taskcodec.errors import CheckpointError, ConfigError, TrackingError, TrainingError
+from taskcodec.losses import RateDistortionLoss
+from taskcodec.metrics import ms_ssim, psnr
+
+log = logging.getLogger(__name__)
+
+#: Exit status after a checkpoint written on SIGTERM/SIGUSR1: "preempted, requeue me".
+PREEMPTED_EXIT = 75
+PAD_MULTIPLE = 64
+_RESUMABLE = ("epochs", "max_steps", "num_workers", "device", "log_every", "checkpoint_every",
+              "early_stop_patience", "checkpoint_dir")
+
+
+def progress_enabled() -> bool:
+    return (sys.stderr.isatty() and not os.environ.get("CI")
+            and os.environ.get("TQDM_DISABLE", "") in ("", "0"))
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available (use device=cpu or auto)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def configure_optimizers(model: nn.Module, lr: float, aux_lr: float):
+    """Adam on everything but the entropy bottlenecks' quantiles, which get their own Adam."""
+    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles") and p.requires_grad]
+    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles") and p.requires_grad]
+    return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+    if config.lr_scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max" if _higher_is_better(config.monitor) else "min",
+            factor=0.1, patience=config.lr_patience)
+    if config.lr_scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return None
+
+
+def _higher_is_better(metric: str) -> bool:
+    return metric in ("val_psnr", "val_ms_ssim")
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0          # the epoch being trained (0-based)
+    epoch_step: int = 0     # optimizer steps already done inside that epoch
+    step: int = 0           # optimizer steps done in total (the MLflow metric step)
+    best: float | None = None
+    bad_validations: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class _Preempted(Exception):
+    pass
+
+
+class _SignalFlag:
+    """Turns SIGTERM/SIGUSR1 into a flag the loop checks after each step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_SignalFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _loss_items(losses: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def validate(model: nn.Module, dataset, criterion: RateDistortionLoss, device: torch.device,
+             max_images: int = 0) -> dict[str, float]:
+    """Loss, estimated bpp, PSNR and MS-SSIM over whole (padded) images, averaged per image."""
+    model.eval()
+    sums: dict[str, float] = {}
+    count = len(dataset) if not max_images else min(max_images, len(dataset))
+    with torch.no_grad():
+        for i in range(count):
+            x = dataset[i].unsqueeze(0).to(device)
+            padded, pads = pad_to_multiple(x, PAD_MULTIPLE)
+            out = model(padded)
+            out = {"x_hat": crop_padding(out["x_hat"], pads).clamp(0, 1),
+                   "likelihoods": out["likelihoods"]}
+            parts = _loss_items(criterion(out, x))
+            parts["psnr"] = psnr(x, out["x_hat"])
+            parts["ms_ssim"] = ms_ssim(x, out["x_hat"])
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+    model.train()
+    result = {f"val_{k}": v / count for k, v in sums.items()}
+    result["val_bpp"] = result.pop("val_bpp_loss")
+    return result
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+
+    # -- run lifecycle -------------------------------------------------------------------------
+    def run(self) -> str:
+        import mlflow
+
+        config = self.config
+        uri = tracking.tracking_uri()
+        tracking.check_reachable(uri)
+        mlflow.set_tracking_uri(uri)
+        resume_id = config.resume or os.environ.get("TASKCODEC_RESUME_RUN_ID", "")
+        run_id = resume_id or os.environ.get("MLFLOW_RUN_ID", "")
+        client = mlflow.tracking.MlflowClient(uri)
+        if run_id:
+            try:
+                client.get_run(run_id)
+            except Exception:
+                raise TrackingError(f"cannot resume: no MLflow run {run_id!r} at {uri}") from None
+            active = mlflow.start_run(run_id=run_id)
+        else:
+            mlflow.set_experiment(tracking.experiment_name())
+            active = mlflow.start_run(run_name=config.run_name or None)
+        run_id = active.info.run_id
+        self.ckpt_dir = Path(config.checkpoint_dir or Path("checkpoints") / run_id)
+        ckpt = self._find_resume_checkpoint(run_id, uri)
+        if ckpt is None and resume_id:
+            log.warning("run %s has no checkpoint yet: starting it from scratch", run_id)
+        if ckpt is not None:
+            self._adopt_stored_config(ckpt["config"])
+        skip = tracking.logged_max_step(run_id, "loss", uri) if ckpt is not None else -1
+        self.logger = tracking.RunLogger(run_id, uri=uri, spool_dir=self.ckpt_dir,
+                                         skip_until_step=skip)
+        already = client.get_run(run_id).data.params
+        self.logger.log_params({k: v for k, v in self.config.to_params().items()
+                                if k not in already})
+        self.logger.set_tags({"codec": self.config.codec, "method": self.config.codec,
+                              "entry_point": "train", **tracking.environment_tags()})
+        status = "FAILED"
+        try:
+            with _SignalFlag() as flag:
+                self.flag = flag
+                self._train(run_id, ckpt)
+            status = "FINISHED"
+        except _Preempted:
+            status = "KILLED"
+            raise
+        finally:
+            unsent = self.logger.close()
+            if unsent:
+                log.warning("%d logging calls could not be sent to %s", len(unsent), uri)
+            try:
+                mlflow.end_run(status)
+            except Exception as err:  # the server may still be away: the run stays RUNNING
+                log.warning("could not mark run %s %s: %s", run_id, status, err)
+        return run_id
+
+    def _find_resume_checkpoint(self, run_id: str, uri: str) -> dict | None:
+        local = self.ckpt_dir / "last.pt"
+        if local.is_file():
+            return checkpoints.load(local)
+        if tracking.run_has_artifact(run_id, f"{checkpoints.ARTIFACT_DIR}/last.pt", uri):
+            path = tracking.download_artifact(run_id, f"{checkpoints.ARTIFACT_DIR}/last.pt",
+                                              self.ckpt_dir / ".download", uri)
+            return checkpoints.load(path)
+        return None
+
+    def _adopt_stored_config(self, stored: dict) -> None:
+        """A resumed run keeps its settings; only how long/where it runs may change."""
+        given = self.config
+        merged = {**stored, **{k: getattr(given, k) for k in _RESUMABLE}, "resume": given.resume}
+        self.config = TrainConfig.from_dict({k: v for k, v in merged.items()
+                                             if k in {f.name for f in TrainConfig.fields()}})
+
+    # -- training ----------------------------------------------------------------------------
+    def _train(self, run_id: str, ckpt: dict | None) -> None:
+        config = self.config
+        seed_everything(config.seed)
+        model = build_codec(config.codec, N=config.N, M=config.M).to(self.device)
+        optimizer, aux_optimizer = configure_optimizers(model, config.lr, config.aux_lr)
+        scheduler = build_scheduler(config, optimizer)
+        state = TrainState()
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+            if scheduler is not None and ckpt.get("lr_scheduler"):
+                scheduler.load_state_dict(ckpt["lr_scheduler"])
+            state = TrainState(epoch=ckpt["epoch"], epoch_step=ckpt["epoch_step"],
+                               step=ckpt["step"], best=ckpt.get("best"),
+                               bad_validations=ckpt.get("bad_validations", 0))
+            log.info("resuming run %s at epoch %d, step %d", run_id, state.epoch, state.step)
+        elif config.init_from:
+            init_weights(model, config.init_from)
+            self.logger.set_tags({"init_from": config.init_from})
+        criterion = RateDistortionLoss(lmbda=config.lmbda, metric=config.metric)
+        train_set = build_dataset(config.data, "train", patch_size=config.patch_size,
+                                  seed=config.seed, max_side=config.max_side,
+                                  skip_bad=config.skip_bad,
+                                  epoch_length=config.epoch_length or None)
+        val_set = build_dataset(config.data, "val", seed=config.seed, max_side=config.max_side,
+                                skip_bad=config.skip_bad)
+        steps_per_epoch = max(1, len(train_set) // config.batch_size)
+        self.model, self.optimizer, self.aux_optimizer = model, optimizer, aux_optimizer
+        self.scheduler, self.state, self.run_id = scheduler, state, run_id
+        model.train()
+        while state.epoch < config.epochs:
+            finished_budget = self._train_epoch(train_set, criterion, steps_per_epoch)
+            epoch_done = state.epoch_step >= steps_per_epoch
+            if epoch_done:
+                state.epoch += 1
+                state.epoch_step = 0
+            if epoch_done and (state.epoch % config.val_every == 0 or state.epoch == config.epochs
+                               or finished_budget):
+                if self._validate_and_schedule(val_set, criterion):
+                    log.info("early stopping after %d validations without improvement of %s",
+                             state.bad_validations, config.monitor)
+                    finished_budget = True
+            elif finished_budget and not state.history:
+                self._validate_and_schedule(val_set, criterion)
+            self._checkpoint("last")
+            if finished_budget:
+                break
+
+    def _batches(self, train_set, remaining: int) -> Iterator[torch.Tensor]:
+        state, config = self.state, self.config
+        generator = torch.Generator().manual_seed(config.seed * 100_003 + state.epoch * 1_009
+                                                  + state.epoch_step)
+        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                            generator=generator, num_workers=config.num_workers,
+                            pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(state.epoch)
+        for i, batch in enumerate(loader):
+            if i >= remaining:
+                break
+            yield batch
+
+    def _train_epoch(self, train_set, criterion, steps_per_epoch: int) -> bool:
+        """Train until the epoch ends; True when the step budget is used up."""
+        from tqdm import tqdm
+
+        config, state = self.config, self.state
+        model, optimizer, aux_optimizer = self.model, self.optimizer, self.aux_optimizer
+        remaining = steps_per_epoch - state.epoch_step
+        bar = tqdm(total=steps_per_epoch, initial=state.epoch_step, disable=not progress_enabled(),
+                   desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step", leave=False)
+        for x in self._batches(train_set, remaining):
+            x = x.to(self.device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            aux_optimizer.zero_grad(set_to_none=True)
+            out = model(x)
+            losses = criterion(out, x)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {float(loss)} at step {state.step + 1} (epoch {state.epoch + 1}); "
+                    f"lower lr={config.lr} or lmbda={config.lmbda}, or check the data; the last "
+                    f"good checkpoint is in {self.ckpt_dir}")
+            loss.backward()
+            if config.clip_max_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+            optimizer.step()
+            aux = model.aux_loss()
+            aux.backward()
+            aux_optimizer.step()
+            state.step += 1
+            state.epoch_step += 1
+            bar.update(1)
+            if state.step % config.log_every == 0 or state.epoch_step == steps_per_epoch:
+                items = _loss_items(losses)
+                items["aux_loss"] = float(aux.detach())
+                items["lr"] = optimizer.param_groups[0]["lr"]
+                items["epoch"] = state.epoch
+                self.logger.log_metrics(items, state.step)
+                bar.set_postfix(loss=f"{items['loss']:.3f}", bpp=f"{items['bpp_loss']:.3f}")
+            if self.flag.signum is not None:
+                bar.close()
+                self._checkpoint("last")
+                self.logger.set_tags({"preempted_at_step": str(state.step)})
+                name = signal.Signals(self.flag.signum).name
+                log.warning("%s received: checkpoint written at step %d; exiting with status %d "
+                            "so the job can be requeued", name, state.step, PREEMPTED_EXIT)
+                raise _Preempted(name)
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                self._checkpoint("last")
+            if config.max_steps and state.step >= config.max_steps:
+                bar.close()
+                return True
+        bar.close()
+        return False
+
+    def _validate_and_schedule(self, val_set, criterion) -> bool:
+        """Validate, step the schedule, keep the best checkpoint; True means stop early."""
+        config, state = self.config, self.state
+        metrics = validate(self.model, val_set, criterion, self.device, config.max_val_images)
+        state.history.append(metrics)
+        value = metrics[config.monitor]
+        self.logger.log_metrics({**metrics, "epoch": state.epoch}, state.step)
+        log.info("step %d: %s", state.step,
+                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(value)
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        sign = 1 if _higher_is_better(config.monitor) else -1
+        if state.best is None or sign * (value - state.best) > 0:
+            state.best = value
+            state.bad_validations = 0
+            self._checkpoint("best")
+        else:
+            state.bad_validations += 1
+        return bool(config.early_stop_patience) and state.bad_validations >= config.early_stop_patience
+
+    def _checkpoint(self, name: str) -> None:
+        from taskcodec.bitstream import checkpoint_fingerprint
+
+        state = self.state
+        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        ckpt = {
+            "format": checkpoints.FORMAT,
+            "taskcodec_version": _version(),
+            "codec": self.config.codec,
+            "config": self.config.to_dict(),
+            "model": model_state,
+            "fingerprint": checkpoint_fingerprint(model_state),
+            "optimizer": self.optimizer.state_dict(),
+            "aux_optimizer": self.aux_optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "epoch": state.epoch, "epoch_step": state.epoch_step, "step": state.step,
+            "best": state.best, "bad_validations": state.bad_validations,
+            "run_id": self.run_id,
+        }
+        path = checkpoints.save_atomic(ckpt, self.ckpt_dir / f"{name}.pt")
+        # Upload a snapshot: the local file is replaced by the next save while the upload runs.
+        staging = self.ckpt_dir / ".upload" / f"{name}-{state.step}-{time.monotonic_ns()}"
+        staging.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staging / path.name)
+        self.logger.log_artifact(staging / path.name, checkpoints.ARTIFACT_DIR)
+
+
+def _version() -> str:
+    from taskcodec import __version__
+
+    return __version__
+
+
+def init_weights(model: nn.Module, ref: str) -> None:
+    """Load another run's (or file's) weights to fine-tune from them (e.g. a new lmbda)."""
+    ckpt = checkpoints.load(checkpoints.resolve(ref, "best"))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        stored = ckpt["config"]
+        raise CheckpointError(
+            f"init_from={ref}: its weights are a {stored.get('codec')} with N={stored.get('N')}, "
+            f"M={stored.get('M')} and do not fit this codec ({str(err).splitlines()[0][:120]})"
+        ) from None
+
+
+def train(config: TrainConfig) -> str:
+    """Train a codec as one MLflow run; returns the run id."""
+    return Trainer(config).run()
+
+
+def is_preemption(err: BaseException) -> bool:
+    return isinstance(err, _Preempted)
+
+

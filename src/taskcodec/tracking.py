@@ -1,0 +1,253 @@
+"""The MLflow run lifecycle: where runs go, opening/reopening a run, and logging that never
+stalls or loses training.
+
+* Tracking URI: ``$MLFLOW_TRACKING_URI``, else an embedded sqlite store ``./mlflow.db`` (the
+  same default ``mlflow run`` and ``mlflow ui`` use), so everything works on a laptop.
+* Experiment: ``$MLFLOW_EXPERIMENT_NAME``, else ``taskcodec``.
+* :class:`RunLogger` sends metrics and artifacts from a background thread. A tracking server
+  that goes away mid-training does not stop training: calls are retried with backoff, metrics
+  wait in memory, checkpoints stay on local disk until their upload succeeded. Whatever could
+  not be sent by the end is written next to the checkpoints and named in a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from taskcodec.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "taskcodec"
+# MLflow's own HTTP retries block for minutes; our logger retries in the background instead.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def tracking_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def experiment_name() -> str:
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, with the URI in the message, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return  # the server is there; credentials are checked by the first real call
+        raise TrackingError(f"tracking server {uri} answered /health with HTTP {err.code}") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(f"cannot reach the MLflow tracking server {uri}: {reason} "
+                            "(start it, or unset MLFLOW_TRACKING_URI to use ./mlflow.db)") from None
+
+
+def git_commit(path: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path or Path.cwd(),
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_tags() -> dict[str, str]:
+    """Tags that tie a run to where it ran: code version, Slurm job, Kubernetes pod."""
+    tags: dict[str, str] = {}
+    commit = os.environ.get("TASKCODEC_GIT_COMMIT") or git_commit(Path(__file__).parent)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_commit"] = commit
+    for env, tag in (("SLURM_JOB_ID", "slurm_job_id"), ("SLURM_ARRAY_JOB_ID", "slurm_array_job_id"),
+                     ("SLURM_ARRAY_TASK_ID", "slurm_array_task_id"),
+                     ("SLURM_JOB_NODELIST", "slurm_nodelist"),
+                     ("TASKCODEC_K8S_POD", "k8s_pod"), ("TASKCODEC_K8S_JOB", "k8s_job"),
+                     ("TASKCODEC_IMAGE", "image")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+@dataclass
+class _Item:
+    kind: str  # "metrics" | "artifact" | "params" | "tags"
+    payload: Any
+    attempts: int = 0
+
+
+class RunLogger:
+    """Asynchronous, retrying logger bound to one MLflow run."""
+
+    def __init__(self, run_id: str, *, uri: str | None = None, spool_dir: Path | None = None,
+                 skip_until_step: int = -1, max_backoff: float = 30.0) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=uri or tracking_uri())
+        self.spool_dir = spool_dir
+        self.skip_until_step = skip_until_step
+        self.max_backoff = max_backoff
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._pending: list[_Item] = []
+        self._failed_once = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    # -- producer side (training thread): never blocks on the network ----------------------
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if step <= self.skip_until_step:
+            return  # already logged before a restart: keep the first values, no duplicates
+        ts = int(time.time() * 1000)
+        self._put(_Item("metrics", [(k, float(v), ts, step) for k, v in metrics.items()]))
+
+    def log_artifact(self, path: Path, artifact_path: str) -> None:
+        self._put(_Item("artifact", (Path(path), artifact_path)))
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        self._put(_Item("params", dict(params)))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self._put(_Item("tags", dict(tags)))
+
+    def _put(self, item: _Item) -> None:
+        self._idle.clear()
+        self._queue.put(item)
+
+    # -- consumer side ------------------------------------------------------------------------
+    def _send(self, item: _Item) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        if item.kind == "metrics":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in item.payload]
+            self.client.log_batch(self.run_id, metrics=metrics)
+        elif item.kind == "params":
+            self.client.log_batch(self.run_id,
+                                  params=[Param(k, str(v)) for k, v in item.payload.items()])
+        elif item.kind == "tags":
+            self.client.log_batch(self.run_id,
+                                  tags=[RunTag(k, str(v)) for k, v in item.payload.items()])
+        else:
+            path, artifact_path = item.payload
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _work(self) -> None:
+        stop = False
+        while not stop or self._pending:
+            try:
+                item = self._queue.get(timeout=0.2 if self._pending else None)
+                if item is None:
+                    stop = True
+                else:
+                    self._pending.append(item)
+            except queue.Empty:
+                pass
+            while self._pending:
+                item = self._pending[0]
+                try:
+                    self._send(item)
+                    self._pending.pop(0)
+                    if self._failed_once:
+                        log.warning("tracking server reachable again; pending logs sent")
+                        self._failed_once = False
+                except Exception as err:  # network errors of any client layer
+                    item.attempts += 1
+                    if not self._failed_once:
+                        log.warning("MLflow logging failed (%s); training goes on, retrying",
+                                    str(err).splitlines()[0][:200])
+                        self._failed_once = True
+                    if stop and item.attempts > 3:
+                        return  # give up at shutdown; close() spools the rest
+                    time.sleep(min(self.max_backoff, 0.5 * 2 ** min(item.attempts, 6)))
+                    break
+            if self._queue.empty() and not self._pending:
+                self._idle.set()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait until everything queued so far was sent; False if it could not be in time."""
+        return self._idle.wait(timeout)
+
+    def close(self, timeout: float = 60.0) -> list[str]:
+        """Send what is left (bounded wait) and stop; spool the rest to disk.
+
+        Returns the descriptions of what could not be sent (empty when all went through).
+        """
+        self._queue.put(None)
+        self._thread.join(timeout)
+        left = list(self._pending)
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None:
+                left.append(item)
+        if not left:
+            return []
+        lost = [f"{i.kind}: {i.payload if i.kind != 'metrics' else len(i.payload)}" for i in left]
+        if self.spool_dir is not None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            spool = self.spool_dir / f"unsent-{self.run_id}.json"
+            records = [{"kind": i.kind, "payload": [str(p) for p in i.payload]
+                        if i.kind == "artifact" else i.payload} for i in left]
+            spool.write_text(json.dumps(records))
+            log.warning("could not send %d logging calls to MLflow; kept in %s "
+                        "(checkpoints stay in %s)", len(left), spool, self.spool_dir)
+        return lost
+
+
+def logged_max_step(run_id: str, key: str = "loss", uri: str | None = None) -> int:
+    """The last step for which ``key`` was logged in a run (-1 if none)."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(tracking_uri=uri or tracking_uri()).get_metric_history(run_id, key)
+    return max((m.step for m in history), default=-1)
+
+
+def download_artifact(run_id: str, artifact_path: str, dst: Path,
+                      uri: str | None = None) -> Path:
+    """Fetch one artifact of a run; a clear error when the run or the artifact does not exist."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri or tracking_uri())
+    try:
+        client.get_run(run_id)
+    except Exception as err:
+        raise TrackingError(f"no MLflow run {run_id!r} at {client.tracking_uri}: "
+                            f"{str(err).splitlines()[0][:200]}") from None
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(client.download_artifacts(run_id, artifact_path, str(dst)))
+    except Exception as err:
+        raise TrackingError(f"run {run_id} has no artifact {artifact_path!r} "
+                            f"({str(err).splitlines()[0][:200]})") from None
+
+
+def run_has_artifact(run_id: str, artifact_path: str, uri: str | None = None) -> bool:
+    from mlflow.tracking import MlflowClient
+
+    folder, _, name = artifact_path.rpartition("/")
+    client = MlflowClient(tracking_uri=uri or tracking_uri())
+    try:
+        return any(Path(f.path).name == name for f in client.list_artifacts(run_id, folder or None))
+    except Exception:
+        return False
