@@ -9,7 +9,7 @@ TOOLS     := .cache/tools
 PYTEST_ARGS ?=
 UI_PORT   ?= 5000
 
-.PHONY: help init install update build test demo mlflow-ui lint clean
+.PHONY: help init install update build test demo mlflow-ui lint clean system-deps
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -35,7 +35,10 @@ update: $(TOOLS)/bin/poetry ## refresh poetry.lock from pyproject.toml
 build: install ## build the wheel and the sdist into dist/
 	$(PY) -m build --outdir dist .
 
-test: install ## run the test suite (starts its own MLflow server on 127.0.0.1)
+system-deps: ## install the Debian packages the tests use (Slurm, sshd, Chromium; needs root)
+	scripts/system-deps
+
+test: install system-deps ## run the test suite (starts its own servers on 127.0.0.1)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: install ## train a small codec on the embedded images, evaluate it, compare with JPEG

@@ -1,0 +1,1 @@
+"""Launchers: turn a job description into a cluster job. They know nothing of torch."""
