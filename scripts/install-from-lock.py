@@ -9,7 +9,11 @@ environment gets exactly the locked versions.
 A package that the lock holds at two versions whose markers both match here (it happens with
 CUDA runtime wheels pulled in by torch) is left to pip: the locked torch pins it exactly anyway.
 
-Usage: python scripts/install-from-lock.py VENV_PYTHON [--with dev] [--no-editable]
+``--deps-only`` installs the locked dependencies but not the project itself: a container build
+runs it on pyproject.toml and poetry.lock alone, so that layer (torch included) is reused until
+the dependencies change, and the code is installed in a later layer.
+
+Usage: python scripts/install-from-lock.py VENV_PYTHON [--with dev] [--no-editable] [--deps-only]
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ def main() -> int:
     parser.add_argument("--with", dest="groups", action="append", default=[],
                         help="also install this poetry dependency group (repeatable)")
     parser.add_argument("--no-editable", action="store_true", help="install a regular copy")
+    parser.add_argument("--deps-only", action="store_true",
+                        help="install the locked dependencies only, not the project")
     args = parser.parse_args()
 
     lock = tomllib.loads((ROOT / "poetry.lock").read_text(encoding="utf-8"))
@@ -73,9 +79,13 @@ def main() -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="taskcodec-constraints-",
                                      delete=False) as fh:
         fh.write("\n".join(pins) + "\n")
-    target = str(ROOT) if args.no_editable else f"-e{ROOT}"
+    if args.deps_only:
+        targets = list(project["project"]["dependencies"])
+    else:
+        targets = [str(ROOT) if args.no_editable else f"-e{ROOT}"]
+    target = " ".join(targets)
     cmd = [args.python, "-m", "pip", "install", "--disable-pip-version-check",
-           "-c", fh.name, target, *extra]
+           "-c", fh.name, *targets, *extra]
     print(f"install-from-lock: {len(pins)} locked pins; installing {target} {' '.join(extra)}",
           file=sys.stderr)
     try:

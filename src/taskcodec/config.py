@@ -71,7 +71,10 @@ class Config:
 
     @classmethod
     def fields(cls) -> list[dataclasses.Field]:
-        return list(dataclasses.fields(cls))  # type: ignore[arg-type]
+        """All settings, the class's own first (so --help starts with what is specific)."""
+        every = list(dataclasses.fields(cls))  # type: ignore[arg-type]
+        own = cls.__dict__.get("__annotations__", {})
+        return [f for f in every if f.name in own] + [f for f in every if f.name not in own]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Config":
@@ -130,26 +133,22 @@ def _type_of(f: dataclasses.Field) -> type:
 CODEC_NAMES = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean")
 
 
+LOWER_IS_BETTER = ("val_loss", "val_bpp", "val_abs_rel", "val_rmse", "val_mse_loss",
+                   "val_task_loss")
+
+
 @dataclass
-class TrainConfig(Config):
-    """Settings of ``taskcodec train`` (and the MLflow entry point ``train``)."""
+class LoopConfig(Config):
+    """Settings every training entry point shares: the loop, its schedule, and the run."""
 
-    entry_point: ClassVar[str] = "train"
+    monitors: ClassVar[tuple[str, ...]] = ("val_loss",)
 
-    codec: str = opt("bmshj2018-factorized", "codec architecture from the registry",
-                     choices=CODEC_NAMES)
-    N: int = opt(128, "channels of the transforms (CompressAI's N)", min=1, max=1024)
-    M: int = opt(192, "channels of the latent (CompressAI's M)", min=1, max=1024)
-    lmbda: float = opt(0.0130, "rate-distortion trade-off: loss = bpp + lmbda * D",
-                       min=0, min_exclusive=True, max=1e4)
-    metric: str = opt("mse", "distortion D: mse (on the 255^2 scale) or ms-ssim (1 - MS-SSIM)",
-                      choices=("mse", "ms-ssim"))
     data: str = opt("embedded", "'embedded' (images shipped with scikit-image) or a folder/"
                     ".zip/.tar of images")
     patch_size: int = opt(256, "side of the random training crops (pixels)", min=16, max=4096)
     batch_size: int = opt(8, "training batch size", min=1, max=4096)
     epochs: int = opt(50, "maximum number of epochs", min=1, max=1_000_000)
-    epoch_length: int = opt(0, "training crops per epoch (0: the data set's default)",
+    epoch_length: int = opt(0, "training samples per epoch (0: the data set's default)",
                             min=0, max=10_000_000)
     max_steps: int = opt(0, "stop after this many optimizer steps (0: no limit)", min=0)
     lr: float = opt(1e-4, "learning rate of the main optimizer (Adam)",
@@ -164,13 +163,9 @@ class TrainConfig(Config):
     early_stop_patience: int = opt(0, "stop after this many validations without improvement "
                                    "of the monitored metric (0: off)", min=0)
     monitor: str = opt("val_loss", "validation metric watched by early stopping, the plateau "
-                       "schedule and the best checkpoint",
-                       choices=("val_loss", "val_bpp", "val_psnr", "val_ms_ssim"))
+                       "schedule and the best checkpoint")
     val_every: int = opt(1, "validate every this many epochs", min=1)
     max_val_images: int = opt(0, "validate on at most this many images (0: all)", min=0)
-    max_side: int = opt(512, "downscale embedded images so the longer side is at most this",
-                        min=64, max=8192)
-    skip_bad: bool = opt(False, "skip unreadable or too-small images with a warning")
     num_workers: int = opt(0, "data loader worker processes", min=0, max=64)
     seed: int = opt(0, "random seed", min=0)
     device: str = opt("auto", "auto (cuda when available), cpu or cuda",
@@ -188,6 +183,106 @@ class TrainConfig(Config):
         if self.patch_size % 16:
             raise ConfigError(f"patch_size={self.patch_size} must be a multiple of 16 "
                               "(the codecs downsample by 16)")
+        if self.monitor not in self.monitors:
+            raise ConfigError(f"monitor={self.monitor!r} is not one of: "
+                              f"{', '.join(self.monitors)}")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """Settings of ``taskcodec train`` (and the MLflow entry point ``train``)."""
+
+    entry_point: ClassVar[str] = "train"
+    monitors: ClassVar[tuple[str, ...]] = ("val_loss", "val_bpp", "val_psnr", "val_ms_ssim")
+
+    codec: str = opt("bmshj2018-factorized", "codec architecture from the registry",
+                     choices=CODEC_NAMES)
+    N: int = opt(128, "channels of the transforms (CompressAI's N)", min=1, max=1024)
+    M: int = opt(192, "channels of the latent (CompressAI's M)", min=1, max=1024)
+    lmbda: float = opt(0.0130, "rate-distortion trade-off: loss = bpp + lmbda * D",
+                       min=0, min_exclusive=True, max=1e4)
+    metric: str = opt("mse", "distortion D: mse (on the 255^2 scale) or ms-ssim (1 - MS-SSIM)",
+                      choices=("mse", "ms-ssim"))
+    max_side: int = opt(512, "downscale embedded images so the longer side is at most this",
+                        min=64, max=8192)
+    skip_bad: bool = opt(False, "skip unreadable or too-small images with a warning")
+
+
+TASK_MONITORS = ("auto", "val_loss", "val_bpp", "val_task_loss", "val_map", "val_map50", "val_miou",
+                 "val_pixel_accuracy", "val_abs_rel", "val_rmse", "val_delta1", "val_accuracy",
+                 "val_psnr")
+
+
+@dataclass
+class BaseConfig(LoopConfig):
+    """Settings of ``taskcodec train-base``: a compressed representation for a machine task.
+
+    loss = alpha * bpp_base + task loss + beta * reconstruction MSE (beta > 0: the
+    task-compatible representation, which is also rewarded for keeping the input).
+    """
+
+    entry_point: ClassVar[str] = "train-base"
+    monitors: ClassVar[tuple[str, ...]] = TASK_MONITORS
+
+    data: str = opt("scenes", "'scenes' (procedural, embedded), coco:PATH or cityscapes:PATH")
+    monitor: str = opt("auto", "validation metric for the best checkpoint and early stopping "
+                       "(auto: the task's own: val_map, val_miou, val_abs_rel, val_accuracy "
+                       "or val_psnr)")
+    task: str = opt("detection", "machine task fed by the base latent",
+                    choices=("detection", "segmentation", "depth", "classification",
+                             "reconstruction"))
+    entropy_model: str = opt("factorized", "entropy model of the base latent",
+                             choices=("factorized", "hyperprior"))
+    N: int = opt(64, "channels of the analysis transform", min=1, max=1024)
+    M: int = opt(64, "channels of the base latent", min=1, max=1024)
+    alpha: float = opt(0.1, "weight of the rate: loss = alpha * bpp + task loss + beta * D",
+                       min=0)
+    beta: float = opt(0.0, "weight of the input-reconstruction reward (0: plain task "
+                      "representation; > 0: task-compatible)", min=0)
+    image_size: int = opt(128, "side of the procedural scenes (data=scenes) or of the "
+                          "training crops of COCO/Cityscapes", min=32, max=4096)
+
+    def check(self) -> None:
+        super().check()
+        if self.image_size % 64:
+            raise ConfigError(f"image_size={self.image_size} must be a multiple of 64")
+
+
+@dataclass
+class EnhancementConfig(LoopConfig):
+    """Settings of ``taskcodec train-enhancement``: the layer an assisted target adds on top
+    of a frozen base. loss = alpha * (bpp_base + bpp_enh) + distortion."""
+
+    entry_point: ClassVar[str] = "train-enhancement"
+    monitors: ClassVar[tuple[str, ...]] = ("val_loss", "val_bpp", "val_bpp_enh", "val_psnr",
+                                           "val_ms_ssim", "val_miou")
+
+    base_run: str = opt("", "MLflow run id (or checkpoint path) of the trained base layer")
+    data: str = opt("scenes", "'scenes' (procedural, embedded), coco:PATH or cityscapes:PATH")
+    method: str = opt("conditional", "how the enhancement uses the base: conditional "
+                      "(entropy model and decoder conditioned on it), residual (codes the "
+                      "input minus a prediction from it) or standalone (ignores it)",
+                      choices=("conditional", "residual", "standalone"))
+    target: str = opt("reconstruction", "what the enhancement serves",
+                      choices=("reconstruction", "segmentation"))
+    N: int = opt(64, "channels of the enhancement transforms", min=1, max=1024)
+    M: int = opt(64, "channels of the enhancement latent", min=1, max=1024)
+    alpha: float = opt(0.01, "weight of the rate: loss = alpha * (bpp_base + bpp_enh) + D, "
+                       "with D = 255^2 * MSE or the segmentation cross-entropy",
+                       min=0, min_exclusive=True)
+    condition_decoder: bool = opt(True, "conditional: also feed the base to the decoder")
+    image_size: int = opt(128, "side of the procedural scenes / training crops", min=32,
+                          max=4096)
+
+    def check(self) -> None:
+        super().check()
+        if not self.base_run:
+            raise ConfigError("base_run is required: the MLflow run id of a train-base run")
+        if self.method == "residual" and self.target != "reconstruction":
+            raise ConfigError("method=residual needs target=reconstruction "
+                              "(use conditional for segmentation)")
+        if self.image_size % 64:
+            raise ConfigError(f"image_size={self.image_size} must be a multiple of 64")
 
 
 @dataclass
@@ -199,7 +294,9 @@ class EvalConfig(Config):
     checkpoint: str = opt("", "MLflow run id whose checkpoint to evaluate, or a checkpoint path")
     which: str = opt("best", "which checkpoint of the run: best or last",
                      choices=("best", "last"))
-    data: str = opt("embedded", "'embedded' or a folder/.zip/.tar of images")
+    data: str = opt("", "data to evaluate on: 'embedded', 'scenes', a folder/.zip/.tar of "
+                    "images, coco:PATH or cityscapes:PATH (default: what the checkpoint was "
+                    "trained on)")
     split: str = opt("val", "split of the data set to evaluate", choices=("train", "val"))
     max_images: int = opt(0, "evaluate at most this many images (0: all)", min=0)
     max_side: int = opt(512, "downscale embedded images so the longer side is at most this",

@@ -16,28 +16,24 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from taskcodec import checkpoints, tracking
-from taskcodec.codecs import build_codec
-from taskcodec.config import TrainConfig
-from taskcodec.data import build_dataset
-from taskcodec.data.transforms import crop_padding, pad_to_multiple
+from taskcodec.config import LoopConfig
 from taskcodec.errors import CheckpointError, ConfigError, TrackingError, TrainingError
-from taskcodec.losses import RateDistortionLoss
-from taskcodec.metrics import ms_ssim, psnr
+from taskcodec.recipes import Recipe, higher_is_better, recipe_for
 
 log = logging.getLogger(__name__)
 
 #: Exit status after a checkpoint written on SIGTERM/SIGUSR1: "preempted, requeue me".
 PREEMPTED_EXIT = 75
-PAD_MULTIPLE = 64
 _RESUMABLE = ("epochs", "max_steps", "num_workers", "device", "log_every", "checkpoint_every",
               "early_stop_patience", "checkpoint_dir")
 
@@ -67,18 +63,14 @@ def configure_optimizers(model: nn.Module, lr: float, aux_lr: float):
     return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=aux_lr)
 
 
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
+def build_scheduler(config: LoopConfig, optimizer: torch.optim.Optimizer, monitor: str):
     if config.lr_scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max" if _higher_is_better(config.monitor) else "min",
+            optimizer, mode="max" if higher_is_better(monitor) else "min",
             factor=0.1, patience=config.lr_patience)
     if config.lr_scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return None
-
-
-def _higher_is_better(metric: str) -> bool:
-    return metric in ("val_psnr", "val_ms_ssim")
 
 
 @dataclass
@@ -102,7 +94,7 @@ class _SignalFlag:
         self.signum: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_SignalFlag":
+    def __enter__(self) -> _SignalFlag:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -119,33 +111,12 @@ def _loss_items(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
-def validate(model: nn.Module, dataset, criterion: RateDistortionLoss, device: torch.device,
-             max_images: int = 0) -> dict[str, float]:
-    """Loss, estimated bpp, PSNR and MS-SSIM over whole (padded) images, averaged per image."""
-    model.eval()
-    sums: dict[str, float] = {}
-    count = len(dataset) if not max_images else min(max_images, len(dataset))
-    with torch.no_grad():
-        for i in range(count):
-            x = dataset[i].unsqueeze(0).to(device)
-            padded, pads = pad_to_multiple(x, PAD_MULTIPLE)
-            out = model(padded)
-            out = {"x_hat": crop_padding(out["x_hat"], pads).clamp(0, 1),
-                   "likelihoods": out["likelihoods"]}
-            parts = _loss_items(criterion(out, x))
-            parts["psnr"] = psnr(x, out["x_hat"])
-            parts["ms_ssim"] = ms_ssim(x, out["x_hat"])
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-    model.train()
-    result = {f"val_{k}": v / count for k, v in sums.items()}
-    result["val_bpp"] = result.pop("val_bpp_loss")
-    return result
-
-
 class Trainer:
-    def __init__(self, config: TrainConfig) -> None:
+    """Runs one recipe as one MLflow run: loop, checkpoints, signals, resume, logging."""
+
+    def __init__(self, config: LoopConfig, recipe: Recipe | None = None) -> None:
         self.config = config
+        self.recipe = recipe or recipe_for(config)
         self.device = pick_device(config.device)
 
     # -- run lifecycle -------------------------------------------------------------------------
@@ -169,7 +140,9 @@ class Trainer:
             mlflow.set_experiment(tracking.experiment_name())
             active = mlflow.start_run(run_name=config.run_name or None)
         run_id = active.info.run_id
-        self.ckpt_dir = Path(config.checkpoint_dir or Path("checkpoints") / run_id)
+        # A resumed run keeps the checkpoint folder it was started with unless told otherwise.
+        started_with = client.get_run(run_id).data.params.get("checkpoint_dir", "")
+        self.ckpt_dir = Path(config.checkpoint_dir or started_with or Path("checkpoints") / run_id)
         ckpt = self._find_resume_checkpoint(run_id, uri)
         if ckpt is None and resume_id:
             log.warning("run %s has no checkpoint yet: starting it from scratch", run_id)
@@ -181,8 +154,8 @@ class Trainer:
         already = client.get_run(run_id).data.params
         self.logger.log_params({k: v for k, v in self.config.to_params().items()
                                 if k not in already})
-        self.logger.set_tags({"codec": self.config.codec, "method": self.config.codec,
-                              "entry_point": "train", **tracking.environment_tags()})
+        self.logger.set_tags({**self.recipe.tags(), "entry_point": self.config.entry_point,
+                              **tracking.environment_tags()})
         status = "FAILED"
         try:
             with _SignalFlag() as flag:
@@ -215,17 +188,27 @@ class Trainer:
     def _adopt_stored_config(self, stored: dict) -> None:
         """A resumed run keeps its settings; only how long/where it runs may change."""
         given = self.config
-        merged = {**stored, **{k: getattr(given, k) for k in _RESUMABLE}, "resume": given.resume}
-        self.config = TrainConfig.from_dict({k: v for k, v in merged.items()
-                                             if k in {f.name for f in TrainConfig.fields()}})
+        cls = type(given)
+        # Only what the user set (a value other than the default) overrides the stored setting:
+        # `train --resume RUN_ID` alone must not reset max_steps, log_every, ... to defaults.
+        defaults = {f.name: f.default for f in cls.fields()}
+        changed = {k: getattr(given, k) for k in _RESUMABLE if getattr(given, k) != defaults[k]}
+        merged = {**stored, **changed, "resume": given.resume}
+        self.config = cls.from_dict({k: v for k, v in merged.items()
+                                     if k in {f.name for f in cls.fields()}})
+        self.recipe = recipe_for(self.config)
 
     # -- training ----------------------------------------------------------------------------
     def _train(self, run_id: str, ckpt: dict | None) -> None:
         config = self.config
+        recipe = self.recipe
         seed_everything(config.seed)
-        model = build_codec(config.codec, N=config.N, M=config.M).to(self.device)
-        optimizer, aux_optimizer = configure_optimizers(model, config.lr, config.aux_lr)
-        scheduler = build_scheduler(config, optimizer)
+        self.model_args = ckpt["model_args"] if ckpt and "model_args" in ckpt \
+            else recipe.model_args()
+        model = recipe.build_model(self.model_args).to(self.device)
+        optimizer, aux_optimizer = configure_optimizers(recipe.trainable(model), config.lr,
+                                                        config.aux_lr)
+        scheduler = build_scheduler(config, optimizer, recipe.monitor)
         state = TrainState()
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
@@ -240,31 +223,25 @@ class Trainer:
         elif config.init_from:
             init_weights(model, config.init_from)
             self.logger.set_tags({"init_from": config.init_from})
-        criterion = RateDistortionLoss(lmbda=config.lmbda, metric=config.metric)
-        train_set = build_dataset(config.data, "train", patch_size=config.patch_size,
-                                  seed=config.seed, max_side=config.max_side,
-                                  skip_bad=config.skip_bad,
-                                  epoch_length=config.epoch_length or None)
-        val_set = build_dataset(config.data, "val", seed=config.seed, max_side=config.max_side,
-                                skip_bad=config.skip_bad)
+        train_set, val_set = recipe.datasets()
         steps_per_epoch = max(1, len(train_set) // config.batch_size)
         self.model, self.optimizer, self.aux_optimizer = model, optimizer, aux_optimizer
         self.scheduler, self.state, self.run_id = scheduler, state, run_id
         model.train()
         while state.epoch < config.epochs:
-            finished_budget = self._train_epoch(train_set, criterion, steps_per_epoch)
+            finished_budget = self._train_epoch(train_set, steps_per_epoch)
             epoch_done = state.epoch_step >= steps_per_epoch
             if epoch_done:
                 state.epoch += 1
                 state.epoch_step = 0
             if epoch_done and (state.epoch % config.val_every == 0 or state.epoch == config.epochs
                                or finished_budget):
-                if self._validate_and_schedule(val_set, criterion):
+                if self._validate_and_schedule(val_set):
                     log.info("early stopping after %d validations without improvement of %s",
                              state.bad_validations, config.monitor)
                     finished_budget = True
             elif finished_budget and not state.history:
-                self._validate_and_schedule(val_set, criterion)
+                self._validate_and_schedule(val_set)
             self._checkpoint("last")
             if finished_budget:
                 break
@@ -275,6 +252,7 @@ class Trainer:
                                                   + state.epoch_step)
         loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
                             generator=generator, num_workers=config.num_workers,
+                            collate_fn=self.recipe.collate,
                             pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
         if hasattr(train_set, "set_epoch"):
@@ -284,7 +262,7 @@ class Trainer:
                 break
             yield batch
 
-    def _train_epoch(self, train_set, criterion, steps_per_epoch: int) -> bool:
+    def _train_epoch(self, train_set, steps_per_epoch: int) -> bool:
         """Train until the epoch ends; True when the step budget is used up."""
         from tqdm import tqdm
 
@@ -293,21 +271,22 @@ class Trainer:
         remaining = steps_per_epoch - state.epoch_step
         bar = tqdm(total=steps_per_epoch, initial=state.epoch_step, disable=not progress_enabled(),
                    desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step", leave=False)
-        for x in self._batches(train_set, remaining):
-            x = x.to(self.device, non_blocking=True)
+        trainable = self.recipe.trainable(model)
+        for batch in self._batches(train_set, remaining):
             optimizer.zero_grad(set_to_none=True)
             aux_optimizer.zero_grad(set_to_none=True)
-            out = model(x)
-            losses = criterion(out, x)
+            losses = self.recipe.losses(model, batch, self.device)
             loss = losses["loss"]
             if not torch.isfinite(loss):
+                weights = " or ".join(f"{k}={getattr(config, k)}" for k in ("lmbda", "alpha", "beta")
+                                      if hasattr(config, k))
                 raise TrainingError(
                     f"loss became {float(loss)} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                    f"lower lr={config.lr} or lmbda={config.lmbda}, or check the data; the last "
+                    f"lower lr={config.lr} or {weights}, or check the data; the last "
                     f"good checkpoint is in {self.ckpt_dir}")
             loss.backward()
             if config.clip_max_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_max_norm)
+                nn.utils.clip_grad_norm_(trainable.parameters(), config.clip_max_norm)
             optimizer.step()
             aux = model.aux_loss()
             aux.backward()
@@ -338,12 +317,20 @@ class Trainer:
         bar.close()
         return False
 
-    def _validate_and_schedule(self, val_set, criterion) -> bool:
+    def _validate_and_schedule(self, val_set) -> bool:
         """Validate, step the schedule, keep the best checkpoint; True means stop early."""
         config, state = self.config, self.state
-        metrics = validate(self.model, val_set, criterion, self.device, config.max_val_images)
+        self.model.eval()
+        try:
+            metrics = self.recipe.validate(self.model, val_set, self.device)
+        finally:
+            self.model.train()
         state.history.append(metrics)
-        value = metrics[config.monitor]
+        monitor = self.recipe.monitor
+        if monitor not in metrics:
+            raise ConfigError(f"monitor={monitor} is not measured by this run "
+                              f"(it measures: {', '.join(sorted(metrics))})")
+        value = metrics[monitor]
         self.logger.log_metrics({**metrics, "epoch": state.epoch}, state.step)
         log.info("step %d: %s", state.step,
                  ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
@@ -351,7 +338,7 @@ class Trainer:
             self.scheduler.step(value)
         elif self.scheduler is not None:
             self.scheduler.step()
-        sign = 1 if _higher_is_better(config.monitor) else -1
+        sign = 1 if higher_is_better(monitor) else -1
         if state.best is None or sign * (value - state.best) > 0:
             state.best = value
             state.bad_validations = 0
@@ -368,7 +355,9 @@ class Trainer:
         ckpt = {
             "format": checkpoints.FORMAT,
             "taskcodec_version": _version(),
-            "codec": self.config.codec,
+            "codec": self.model_args.get("codec", self.model_args.get("kind")),
+            "entry_point": self.config.entry_point,
+            "model_args": self.model_args,
             "config": self.config.to_dict(),
             "model": model_state,
             "fingerprint": checkpoint_fingerprint(model_state),
@@ -384,7 +373,7 @@ class Trainer:
         staging = self.ckpt_dir / ".upload" / f"{name}-{state.step}-{time.monotonic_ns()}"
         staging.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, staging / path.name)
-        self.logger.log_artifact(staging / path.name, checkpoints.ARTIFACT_DIR)
+        self.logger.log_artifact(staging / path.name, checkpoints.ARTIFACT_DIR, remove_after=True)
 
 
 def _version() -> str:
@@ -406,8 +395,8 @@ def init_weights(model: nn.Module, ref: str) -> None:
         ) from None
 
 
-def train(config: TrainConfig) -> str:
-    """Train a codec as one MLflow run; returns the run id."""
+def train(config: LoopConfig) -> str:
+    """Train what the config describes as one MLflow run; returns the run id."""
     return Trainer(config).run()
 
 

@@ -53,7 +53,7 @@ def evaluate_image(codec: LoadedCodec, x: torch.Tensor, index: int = 0
     data = codec.compress(x)
     encode_time = time.perf_counter() - start
     start = time.perf_counter()
-    x_hat = codec.decompress(data)
+    x_hat = codec.decompress(data)["x_hat"]
     decode_time = time.perf_counter() - start
     with torch.no_grad():
         padded, _ = pad_to_multiple(x, PAD_MULTIPLE)
@@ -102,38 +102,113 @@ def save_grid(originals: list[torch.Tensor], recons: list[torch.Tensor], path: P
     return path
 
 
-def write_csv(results: list[ImageResult], path: Path) -> Path:
-    fields = list(ImageResult.__dataclass_fields__)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        for r in results:
-            writer.writerow({k: getattr(r, k) for k in fields})
-    return path
+TABLE_COLUMNS = (("bpp", "bpp", ".3f"), ("bpp_base", "bpp base", ".3f"),
+                 ("bpp_enh", "bpp enh", ".3f"), ("psnr", "PSNR dB", ".2f"),
+                 ("ms_ssim", "MS-SSIM", ".4f"), ("map", "mAP", ".4f"), ("map50", "mAP@.5", ".4f"),
+                 ("miou", "mIoU", ".4f"), ("abs_rel", "AbsRel", ".4f"),
+                 ("accuracy", "accuracy", ".4f"))
 
 
 def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
-    head = f"{'':<28}{'bpp':>8}{'PSNR dB':>10}{'MS-SSIM':>10}"
+    """The rows' shared metrics as an aligned text table (blank where a row lacks one)."""
+    columns = [c for c in TABLE_COLUMNS if any(c[0] in m for _, m in rows)]
+    width = max([28] + [len(name) + 2 for name, _ in rows])
+    head = f"{'':<{width}}" + "".join(f"{label:>10}" for _, label, _ in columns)
     lines = [head, "-" * len(head)]
     for name, m in rows:
-        lines.append(f"{name:<28}{m['bpp']:>8.3f}{m['psnr']:>10.2f}{m['ms_ssim']:>10.4f}")
+        cells = "".join(f"{m[key]:>10{fmt}}" if key in m else f"{'':>10}"
+                        for key, _, fmt in columns)
+        lines.append(f"{name:<{width}}{cells}")
     return "\n".join(lines)
 
 
-def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (run id or path) and log the results as a new MLflow run."""
-    import tempfile
+def _layer_bytes(codec: LoadedCodec, data: bytes) -> dict[str, int]:
+    """Bytes of each layer as sent: the base layer carries the header."""
+    from taskcodec import bitstream
 
-    import mlflow
+    header, layers = bitstream.unpack(data)
+    sizes = {layer.name: layer.payload_size for layer in layers}
+    sizes[layers[0].name] += bitstream.header_size(header, layers)
+    return sizes
+
+
+def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
+                         evaluators: dict) -> dict[str, float]:
+    """Code one sample with the layered format; decode the base alone, then both layers."""
+    x = image.unsqueeze(0)
+    height, width = x.shape[-2:]
+    pixels = int(height) * int(width)
+    start = time.perf_counter()
+    data = codec.compress(x)
+    encode_time = time.perf_counter() - start
+    start = time.perf_counter()
+    base_only = codec.decompress(data, layers={"base"})
+    decode_base_time = time.perf_counter() - start
+    evaluators["base"].add(base_only["task"], [target], x)
+    sizes = _layer_bytes(codec, data)
+    row = {"bpp": bpp_from_bytes(len(data), int(height), int(width)),
+           "bpp_base": 8 * sizes["base"] / pixels, "encode_time": encode_time,
+           "decode_base_time": decode_base_time}
+    if codec.kind == "scalable":
+        start = time.perf_counter()
+        full = codec.decompress(data)
+        row["decode_time"] = time.perf_counter() - start
+        row["bpp_enh"] = 8 * sizes["enhancement"] / pixels
+        if "x_hat" in full:
+            row["psnr"] = psnr(x, full["x_hat"])
+            row["ms_ssim"] = ms_ssim(x, full["x_hat"])
+        else:
+            evaluators["enhancement"].add(full["logits"], [target], x)
+    return row
+
+
+def _data_source(config: EvalConfig, codec: LoadedCodec) -> str:
+    return config.data or str(codec.config.get("data") or "embedded")
+
+
+def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[dict], dict]:
+    from statistics import mean as average
+
+    from tqdm import tqdm
+
+    from taskcodec.data import build_task_dataset
+    from taskcodec.engine import progress_enabled
+    from taskcodec.recipes import TaskEvaluator
+
+    base_args = codec.model_args.get("base", codec.model_args)
+    task = codec.task
+    target = codec.model_args.get("target", "")
+    dataset = build_task_dataset(_data_source(config, codec), config.split,
+                                 task=task if target != "segmentation" else "segmentation",
+                                 size=int(codec.config.get("image_size", 128)),
+                                 seed=int(codec.config.get("seed", 0)))
+    evaluators = {"base": TaskEvaluator(task, int(base_args["num_classes"]))}
+    if target == "segmentation":
+        evaluators["enhancement"] = TaskEvaluator("segmentation",
+                                                  int(codec.model_args["num_classes"]))
+    count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
+    rows = []
+    for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
+        image, sample_target = dataset[i]
+        rows.append({"index": i, **evaluate_task_sample(codec, image, sample_target, evaluators)})
+    summary = {k: average(r[k] for r in rows) for k in rows[0] if k != "index"}
+    base_metrics = evaluators["base"].result()
+    if task == "reconstruction":
+        summary.update({f"base_{k}": v for k, v in base_metrics.items()})
+    else:
+        summary.update(base_metrics)
+    if "enhancement" in evaluators:
+        summary.update(evaluators["enhancement"].result())
+    return summary, rows, {"task": task, "target": target}
+
+
+def _evaluate_images(config: EvalConfig, codec: LoadedCodec
+                     ) -> tuple[dict, list[ImageResult], list, list]:
     from tqdm import tqdm
 
     from taskcodec.engine import progress_enabled
 
-    uri = tracking.tracking_uri()
-    tracking.check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    codec = load_codec(config.checkpoint, config.which)
-    dataset = build_dataset(config.data, config.split, max_side=config.max_side)
+    dataset = build_dataset(_data_source(config, codec), config.split, max_side=config.max_side)
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
     results, originals, recons = [], [], []
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
@@ -145,14 +220,55 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     summary = summarize(results)
     if config.jpeg:
         summary.update(jpeg_reference(originals, [r.bpp for r in results]))
+    return summary, results, originals, recons
 
-    evaluated_run = config.checkpoint if len(config.checkpoint) == 32 else ""
-    params = {"codec": codec.name, "lmbda": codec.config.get("lmbda"), "N": codec.config.get("N"),
-              "M": codec.config.get("M"), "metric": codec.config.get("metric"),
-              "checkpoint": config.checkpoint, "which": config.which, "data": config.data,
-              "split": config.split, "images": count}
-    tags = {"method": codec.name, "codec": codec.name, "entry_point": "evaluate",
+
+def _write_rows(rows: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint (run id or path) and log the results as a new MLflow run."""
+    import tempfile
+
+    import mlflow
+
+    uri = tracking.tracking_uri()
+    tracking.check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    codec = load_codec(config.checkpoint, config.which)
+    stored = codec.config
+    params = {"codec": codec.name, "checkpoint": config.checkpoint, "which": config.which,
+              "data": _data_source(config, codec), "split": config.split}
+    tags = {"codec": codec.name, "entry_point": "evaluate", "kind": codec.kind,
             "checkpoint_fingerprint": codec.fingerprint, **tracking.environment_tags()}
+    if codec.kind == "codec":
+        summary, results, originals, recons = _evaluate_images(config, codec)
+        rows = [{k: getattr(r, k) for k in ImageResult.__dataclass_fields__} for r in results]
+        params.update({"lmbda": stored.get("lmbda"), "N": stored.get("N"), "M": stored.get("M"),
+                       "metric": stored.get("metric")})
+        tags["method"] = codec.name
+    else:
+        summary, rows, info = _evaluate_task(config, codec)
+        originals = recons = []
+        base_config = codec.model_args.get("base", {})
+        params.update({"alpha": stored.get("alpha"), "N": stored.get("N"), "M": stored.get("M")})
+        tags.update({"task": info["task"], "layer": codec.kind})
+        if codec.kind == "scalable":
+            tags.update({"method": codec.model_args["method"], "target": info["target"]})
+            base_run = stored.get("base_run", "")
+            if len(base_run) == 32:
+                tags["base_run_id"] = base_run
+            tags["beta"] = str(base_config.get("beta", stored.get("beta", "")))
+        else:
+            tags.update({"method": f"base-{info['task']}-beta{float(stored.get('beta', 0)):g}",
+                         "beta": str(stored.get("beta", ""))})
+    params["images"] = len(rows)
+    evaluated_run = config.checkpoint if len(config.checkpoint) == 32 else ""
     if evaluated_run:
         tags["evaluated_run_id"] = evaluated_run
     active = mlflow.active_run()
@@ -164,15 +280,16 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         already = mlflow.tracking.MlflowClient(uri).get_run(active.info.run_id).data.params
         mlflow.log_params({k: v for k, v in params.items() if k not in already})
         mlflow.set_tags(tags)
-        mlflow.log_metrics(summary)
+        mlflow.log_metrics({k: v for k, v in summary.items() if v == v})  # NaN is not logged
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(out_dir) if out_dir else Path(tmp)
             folder.mkdir(parents=True, exist_ok=True)
-            mlflow.log_artifact(str(write_csv(results, folder / "per_image.csv")), "evaluation")
-            mlflow.log_artifact(str(save_grid(originals, recons, folder / "reconstructions.png")),
-                                "evaluation")
+            mlflow.log_artifact(str(_write_rows(rows, folder / "per_image.csv")), "evaluation")
+            if originals:
+                mlflow.log_artifact(str(save_grid(originals, recons,
+                                                  folder / "reconstructions.png")), "evaluation")
     finally:
         if started:
             mlflow.end_run()
-    return {"run_id": active.info.run_id, "summary": summary, "results": results,
-            "codec": codec.name}
+    return {"run_id": active.info.run_id, "summary": summary, "results": rows,
+            "codec": codec.name, "kind": codec.kind}

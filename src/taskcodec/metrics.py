@@ -204,3 +204,177 @@ def _ms_ssim_with_levels(x: Tensor, y: Tensor, levels: int) -> Tensor:
     stacked = torch.stack(terms, dim=0)  # [levels, N, C]
     per_channel = torch.prod(stacked ** weights.view(-1, 1, 1), dim=0)
     return per_channel.mean(dim=1)
+
+
+# -- task metrics ---------------------------------------------------------------------------------
+# Detection, segmentation and depth scores of the issue-4 task heads, with the usual
+# definitions so that numbers can be set beside published ones: COCO's own evaluation code
+# for mAP, the confusion-matrix mIoU of semantic segmentation benchmarks, and the depth
+# errors of Eigen et al. (2014).
+
+
+def detection_map(predictions: list[dict], targets: list[dict], num_classes: int) -> dict:
+    """COCO mAP@[.5:.95] (``"map"``) and mAP@.5 (``"map50"``) of torchvision-style detections.
+
+    ``predictions[i]`` (``boxes`` xyxy, ``labels``, ``scores``) and ``targets[i]`` (``boxes``,
+    ``labels``) describe image ``i``. The ground truth becomes a COCO data set on the fly -
+    one image per target, one annotation per box with its area taken from the box and
+    ``iscrowd`` 0, categories ``1..num_classes-1`` (``num_classes`` counts the background 0,
+    as torchvision's detectors do) - and pycocotools' ``COCOeval`` scores it, quietly. No
+    detection at all scores 0.0; no ground-truth box at all gives ``nan`` and a warning.
+    """
+    if len(predictions) != len(targets):
+        raise ValueError(f"Got {len(predictions)} predictions for {len(targets)} targets, "
+                         "should be one per image")
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"Invalid num_classes {num_classes!r}, should be an int >= 2 "
+                         "(background included)")
+    images, gt, dt = [], [], []
+    for i, (pred, target) in enumerate(zip(predictions, targets), start=1):
+        images.append({"id": i})
+        for box, label in zip(*_boxes_labels(target, num_classes, "target")):
+            gt.append({"id": len(gt) + 1, "image_id": i, "category_id": label, "bbox": box,
+                       "area": box[2] * box[3], "iscrowd": 0})
+        boxes, labels = _boxes_labels(pred, num_classes, "prediction")
+        scores = pred["scores"].detach().flatten().tolist()
+        if len(scores) != len(labels):
+            raise ValueError(f"A prediction has {len(labels)} boxes but {len(scores)} scores")
+        for box, label, score in zip(boxes, labels, scores):
+            dt.append({"image_id": i, "category_id": label, "bbox": box, "score": score})
+    if not gt:
+        warnings.warn("detection_map: the targets hold no box, mAP is undefined (nan)",
+                      stacklevel=2)
+        return {"map": math.nan, "map50": math.nan}
+    if not dt:
+        return {"map": 0.0, "map50": 0.0}
+    stats = _coco_bbox_stats(images, gt, dt, num_classes)
+    return {"map": float(stats[0]), "map50": float(stats[1])}
+
+
+def _boxes_labels(item: dict, num_classes: int, what: str) -> tuple[list, list]:
+    """COCO ``xywh`` boxes and int labels of one prediction or target (checked)."""
+    boxes = item["boxes"].detach().double().reshape(-1, 4)
+    labels = item["labels"].detach().flatten().tolist()
+    if len(labels) != len(boxes):
+        raise ValueError(f"A {what} has {len(boxes)} boxes but {len(labels)} labels")
+    bad = [label for label in labels if not 1 <= label < num_classes]
+    if bad:
+        raise ValueError(f"A {what} has label {bad[0]}, should be in 1..{num_classes - 1} "
+                         f"(num_classes={num_classes} counts the background 0)")
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    return xywh.tolist(), [int(label) for label in labels]
+
+
+def _coco_bbox_stats(images: list, gt: list, dt: list, num_classes: int) -> list[float]:
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):  # COCO and COCOeval print as they go
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": images, "annotations": gt,
+                           "categories": [{"id": c, "name": str(c)} for c in range(1, num_classes)]}
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(dt)
+        evaluation = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return list(evaluation.stats)
+
+
+class ConfusionMatrix:
+    """Accumulates a semantic segmentation confusion matrix over a data set.
+
+    ``matrix[t, p]`` counts pixels of true class ``t`` predicted as ``p``; pixels whose
+    target is ``ignore_index`` are left out. :meth:`compute` gives the same scores as
+    :func:`segmentation_scores`, for everything seen so far.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"Invalid num_classes {num_classes!r}, should be a positive int")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.matrix = torch.zeros((num_classes, num_classes), dtype=torch.int64)
+
+    def reset(self) -> None:
+        self.matrix.zero_()
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch: ``pred`` and ``target`` integer class maps of the same shape."""
+        if pred.shape != target.shape:
+            raise ValueError(f"Segmentation shapes differ: pred is {tuple(pred.shape)}, "
+                             f"target is {tuple(target.shape)}")
+        if pred.is_floating_point() or target.is_floating_point():
+            raise ValueError("Segmentation maps should hold class indices (take the argmax of "
+                             "the logits first)")
+        pred, target = pred.detach().cpu().flatten(), target.detach().cpu().flatten()
+        valid = target != self.ignore_index
+        pred, target = pred[valid].long(), target[valid].long()
+        c = self.num_classes
+        for name, values in (("target", target), ("pred", pred)):
+            bad = values[(values < 0) | (values >= c)]
+            if bad.numel():
+                raise ValueError(f"Segmentation {name} holds class {int(bad[0])}, should be in "
+                                 f"0..{c - 1} (or {self.ignore_index} in the target: ignored)")
+        self.matrix += torch.bincount(target * c + pred, minlength=c * c).reshape(c, c)
+
+    def iou(self) -> Tensor:
+        """IoU of each class (float64 ``[C]``), ``nan`` for classes never seen in target or
+        prediction."""
+        m = self.matrix.double()
+        tp = m.diag()
+        union = m.sum(0) + m.sum(1) - tp
+        return torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+
+    def compute(self) -> dict:
+        """``"miou"`` over the classes present in target or prediction, ``"pixel_accuracy"``
+        over non-ignored pixels; both ``nan`` when no pixel counted."""
+        total = int(self.matrix.sum())
+        if total == 0:
+            return {"miou": math.nan, "pixel_accuracy": math.nan}
+        iou = self.iou()
+        return {"miou": float(iou[~iou.isnan()].mean()),
+                "pixel_accuracy": float(self.matrix.diag().sum()) / total}
+
+
+def segmentation_scores(pred: Tensor, target: Tensor, num_classes: int,
+                        ignore_index: int = 255) -> dict:
+    """Mean IoU (``"miou"``, over classes present in target or prediction) and
+    ``"pixel_accuracy"`` of integer class maps ``[B, H, W]``, skipping ``ignore_index``."""
+    matrix = ConfusionMatrix(num_classes, ignore_index)
+    matrix.update(pred, target)
+    return matrix.compute()
+
+
+#: δ threshold of the depth accuracy ``"delta1"``: share of pixels with max(p/t, t/p) < 1.25.
+DEPTH_DELTA = 1.25
+
+
+def depth_errors(pred: Tensor, target: Tensor) -> dict:
+    """Depth ``"abs_rel"`` (mean |p - t| / t), ``"rmse"`` and ``"delta1"`` (share of pixels with
+    ``max(p/t, t/p) < 1.25``) over the valid pixels (``target > 0``) of the whole batch.
+
+    ``pred`` may carry a channel of one (``[B, 1, H, W]`` for a ``[B, H, W]`` target). For
+    the ratio of ``delta1`` non-positive predictions count as 1e-6. No valid pixel gives
+    ``nan`` and a warning.
+    """
+    if pred.dim() == target.dim() + 1 and pred.shape[1] == 1:
+        pred = pred.squeeze(1)
+    if pred.shape != target.shape:
+        raise ValueError(f"Depth shapes differ: pred is {tuple(pred.shape)}, target is "
+                         f"{tuple(target.shape)}")
+    pred, target = pred.detach().double(), target.detach().double()
+    valid = target > 0
+    if not bool(valid.any()):
+        warnings.warn("depth_errors: the target has no valid pixel (all <= 0), errors are nan",
+                      stacklevel=2)
+        return {"abs_rel": math.nan, "rmse": math.nan, "delta1": math.nan}
+    p, t = pred[valid], target[valid]
+    ratio = torch.maximum(p.clamp(min=1e-6) / t, t / p.clamp(min=1e-6))
+    return {"abs_rel": float(((p - t).abs() / t).mean()),
+            "rmse": float((p - t).pow(2).mean().sqrt()),
+            "delta1": float((ratio < DEPTH_DELTA).double().mean())}

@@ -19,8 +19,6 @@ import queue
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -35,6 +33,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def tracking_uri() -> str:
@@ -47,20 +46,15 @@ def experiment_name() -> str:
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast, with the URI in the message, when an HTTP tracking server does not answer."""
+    """Fail fast, in one line with its fix, when an HTTP tracking server does not answer or
+    refuses our credentials (HTTP 401: missing or wrong ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` or ``MLFLOW_TRACKING_TOKEN``)."""
     if not uri.startswith(("http://", "https://")):
         return
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
-            resp.read()
-    except urllib.error.HTTPError as err:
-        if err.code in (401, 403):
-            return  # the server is there; credentials are checked by the first real call
-        raise TrackingError(f"tracking server {uri} answered /health with HTTP {err.code}") from None
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise TrackingError(f"cannot reach the MLflow tracking server {uri}: {reason} "
-                            "(start it, or unset MLFLOW_TRACKING_URI to use ./mlflow.db)") from None
+    from taskcodec.server_probe import probe_credentials, probe_health
+
+    probe_health(uri, timeout)
+    probe_credentials(uri, timeout)
 
 
 def git_commit(path: Path | None = None) -> str | None:
@@ -73,7 +67,11 @@ def git_commit(path: Path | None = None) -> str | None:
 
 
 def environment_tags() -> dict[str, str]:
-    """Tags that tie a run to where it ran: code version, Slurm job, Kubernetes pod."""
+    """Tags that tie a run to where it ran: code version, Slurm job, Kubernetes pod.
+
+    Only the variables named here are read: credentials in the environment (MLflow's
+    ``MLFLOW_TRACKING_PASSWORD``/``_TOKEN``, cloud keys) can never become tags.
+    """
     tags: dict[str, str] = {}
     commit = os.environ.get("TASKCODEC_GIT_COMMIT") or git_commit(Path(__file__).parent)
     if commit:
@@ -123,8 +121,10 @@ class RunLogger:
         ts = int(time.time() * 1000)
         self._put(_Item("metrics", [(k, float(v), ts, step) for k, v in metrics.items()]))
 
-    def log_artifact(self, path: Path, artifact_path: str) -> None:
-        self._put(_Item("artifact", (Path(path), artifact_path)))
+    def log_artifact(self, path: Path, artifact_path: str, *, remove_after: bool = False) -> None:
+        """Upload ``path``; with ``remove_after``, delete it (and its folder, once empty) when
+        the upload succeeded, so that snapshot copies do not pile up on disk."""
+        self._put(_Item("artifact", (Path(path), artifact_path, remove_after)))
 
     def log_params(self, params: Mapping[str, str]) -> None:
         self._put(_Item("params", dict(params)))
@@ -150,8 +150,14 @@ class RunLogger:
             self.client.log_batch(self.run_id,
                                   tags=[RunTag(k, str(v)) for k, v in item.payload.items()])
         else:
-            path, artifact_path = item.payload
+            path, artifact_path, remove_after = item.payload
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+            if remove_after:
+                path.unlink(missing_ok=True)
+                try:
+                    path.parent.rmdir()
+                except OSError:
+                    pass  # not empty: someone else's files
 
     def _work(self) -> None:
         stop = False
@@ -207,7 +213,7 @@ class RunLogger:
         if self.spool_dir is not None:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             spool = self.spool_dir / f"unsent-{self.run_id}.json"
-            records = [{"kind": i.kind, "payload": [str(p) for p in i.payload]
+            records = [{"kind": i.kind, "payload": [str(p) for p in i.payload[:2]]
                         if i.kind == "artifact" else i.payload} for i in left]
             spool.write_text(json.dumps(records))
             log.warning("could not send %d logging calls to MLflow; kept in %s "

@@ -8,15 +8,15 @@ with exit status 2; a run stopped by SIGTERM/SIGUSR1 after writing its checkpoin
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
 import click
 
 from taskcodec import __version__
+from taskcodec.cli import compare_cmd, doctor_cmd
 from taskcodec.cli.options import config_command
-from taskcodec.config import EvalConfig, TrainConfig
+from taskcodec.config import BaseConfig, EnhancementConfig, EvalConfig, LoopConfig, TrainConfig
 from taskcodec.errors import TaskcodecError
 
 PREEMPTED_EXIT = 75  # keep in sync with taskcodec.engine.PREEMPTED_EXIT (no torch import here)
@@ -60,6 +60,19 @@ def cli(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+def _run_training(config: LoopConfig) -> None:
+    from taskcodec.engine import is_preemption
+    from taskcodec.engine import train as run_training
+
+    try:
+        run_id = run_training(config)
+    except BaseException as err:
+        if is_preemption(err):
+            sys.exit(PREEMPTED_EXIT)
+        raise
+    click.echo(run_id)
+
+
 @cli.command()
 @config_command(TrainConfig)
 def train(config: TrainConfig) -> None:
@@ -72,15 +85,41 @@ def train(config: TrainConfig) -> None:
       taskcodec train --init-from RUN_ID --lmbda 0.0035     # fine-tune to a new lambda
       taskcodec train --resume RUN_ID                       # continue where it stopped
     """
-    from taskcodec.engine import is_preemption, train as run_training
+    _run_training(config)
 
-    try:
-        run_id = run_training(config)
-    except BaseException as err:
-        if is_preemption(err):
-            sys.exit(PREEMPTED_EXIT)
-        raise
-    click.echo(run_id)
+
+@cli.command("train-base")
+@config_command(BaseConfig)
+def train_base(config: BaseConfig) -> None:
+    """Train a task base layer: a compressed representation for a machine task.
+
+    loss = alpha * bpp + task loss + beta * reconstruction MSE. beta = 0 learns a plain task
+    representation; beta > 0 a task-compatible one (also rewarded for keeping the input).
+
+    \b
+    Examples:
+      taskcodec train-base                                  # detection on the embedded scenes
+      taskcodec train-base --task segmentation --beta 100 --alpha 0.05
+      taskcodec train-base --task detection --data coco:/data/coco --image-size 512
+    """
+    _run_training(config)
+
+
+@cli.command("train-enhancement")
+@config_command(EnhancementConfig)
+def train_enhancement(config: EnhancementConfig) -> None:
+    """Train an enhancement layer on top of a frozen base layer from an MLflow run.
+
+    loss = alpha * (bpp_base + bpp_enh) + distortion (255^2 * MSE, or cross-entropy for
+    target=segmentation). method: conditional | residual | standalone (no side information).
+
+    \b
+    Examples:
+      taskcodec train-enhancement --base-run RUN_ID --method conditional --alpha 0.01
+      taskcodec train-enhancement --base-run RUN_ID --method residual --alpha 0.003
+      taskcodec train-enhancement --base-run RUN_ID --target segmentation
+    """
+    _run_training(config)
 
 
 @cli.command()
@@ -95,7 +134,8 @@ def evaluate(config: EvalConfig, output_dir: Path | None) -> None:
       taskcodec evaluate --checkpoint RUN_ID
       taskcodec evaluate --checkpoint checkpoints/RUN_ID/best.pt --data ~/data/kodak
     """
-    from taskcodec.evaluate import evaluate as run_evaluation, format_table
+    from taskcodec.evaluate import evaluate as run_evaluation
+    from taskcodec.evaluate import format_table
 
     result = run_evaluation(config, output_dir)
     rows = [(result["codec"], result["summary"])]
@@ -154,35 +194,55 @@ def compress(image: Path, output: Path, checkpoint: str, which: str) -> None:
 @cli.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="PNG to write")
+              help="file to write (a PNG, or for --layer base the task's format)")
+@click.option("--layer", type=click.Choice(["all", "base"]), default="all", show_default=True,
+              help="base: decode only the base layer and run the machine task on it, without "
+                   "reading the enhancement bytes")
 @_CKPT
 @_WHICH
-def decompress(file: Path, output: Path, checkpoint: str, which: str) -> None:
-    """Decode a taskcodec bitstream FILE into an image.
+def decompress(file: Path, output: Path, layer: str, checkpoint: str, which: str) -> None:
+    """Decode a taskcodec bitstream FILE.
+
+    A single-layer file decodes to a PNG. A layered file decodes to the reconstruction (or the
+    enhancement's segmentation); with --layer base, only the base layer is decoded and the
+    machine task's output is written: detections as COCO results JSON, segmentation as a PNG
+    of class ids, depth as a 16-bit PNG (depth * 256), classification as JSON.
 
     \b
-    Example:
+    Examples:
       taskcodec decompress kodim01.tcd -o kodim01.png --checkpoint RUN_ID
+      taskcodec decompress scene.tcd --layer base -o detections.json --checkpoint RUN_ID
     """
-    from PIL import Image
-
     from taskcodec.codecs.loading import load_codec
     from taskcodec.errors import BitstreamError
+    from taskcodec.outputs import write_image, write_prediction
 
     try:
         data = file.read_bytes()
     except OSError as err:
         raise BitstreamError(f"cannot read {file}: {err.strerror}") from None
     codec = load_codec(checkpoint, which)
+    base_only = layer == "base" or codec.kind == "base"
+    if layer == "base" and codec.kind == "codec":
+        raise BitstreamError(f"{file}: a single-layer {codec.name} file has no base layer")
     try:
-        x_hat = codec.decompress(data)
+        decoded = codec.decompress(data, layers={"base"} if base_only else None)
     except BitstreamError as err:
         raise BitstreamError(f"{file}: {err}") from None
-    array = x_hat[0].mul(255).round().byte().permute(1, 2, 0).numpy()
-    tmp = output.with_name(f".{output.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, output)
-    click.echo(f"{output}: {array.shape[1]}x{array.shape[0]}", err=True)
+    if base_only:
+        write_prediction(codec.task, decoded["task"], output)
+        click.echo(f"{output}: {codec.task} output of the base layer", err=True)
+    elif "x_hat" in decoded:
+        write_image(decoded["x_hat"], output)
+        h, w = decoded["x_hat"].shape[-2:]
+        click.echo(f"{output}: {w}x{h}", err=True)
+    else:
+        write_prediction("segmentation", decoded["logits"], output)
+        click.echo(f"{output}: segmentation from both layers", err=True)
+
+
+cli.add_command(compare_cmd.compare)
+cli.add_command(doctor_cmd.doctor)
 
 
 def main() -> None:

@@ -1,0 +1,93 @@
+"""``taskcodec compare``: RD curves and BD-rate tables over MLflow runs.
+
+Only Click is imported here; mlflow, numpy and matplotlib wait inside the command, so
+``taskcodec compare --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Repeatable options also take comma lists (one MLProject parameter holds several)."""
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    tags = {}
+    for value in values:
+        if not value.strip():
+            continue  # an MLProject parameter left empty
+        name, sep, tag_value = value.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE", ctx=ctx, param=param)
+        tags[name.strip()] = tag_value.strip()
+    return tags
+
+
+@click.command()
+@click.option("--experiment", "-e", default="", metavar="NAME",
+              help="experiment to read runs from [default: $MLFLOW_EXPERIMENT_NAME or taskcodec]")
+@click.option("--filter", "filter_string", default="", metavar="STR",
+              help="MLflow search filter, e.g. \"params.N = '128'\"")
+@click.option("--run-id", "run_ids", multiple=True, metavar="RUN_ID",
+              help="compare exactly these runs (repeatable, or a comma list)")
+@click.option("--tag", "tags", multiple=True, metavar="NAME=VALUE", callback=_parse_tags,
+              help="only runs with this tag value (repeatable), e.g. --tag method=mbt2018")
+@click.option("--group-by", default="method", show_default=True, metavar="KEY[,KEY]",
+              help="tag or param whose values make the curves (several: joined with /)")
+@click.option("--anchor", default="", metavar="CURVE",
+              help="curve the others are measured against [default: the first --reference, "
+                   "else JPEG with --jpeg, else the first curve by name]")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME",
+              help="quality metric to compare (repeatable) [default: every metric the runs share]")
+@click.option("--reference", "references", multiple=True, metavar="FILE",
+              help="published RD points: a CompressAI results JSON or a CSV with a bpp column "
+                   "(repeatable)")
+@click.option("--jpeg", is_flag=False, flag_value="true", default="false", type=click.BOOL,
+              metavar="[BOOL]",
+              help="add the JPEG points evaluate measured next to each run as a curve "
+                   "[default: false]")
+@click.option("--bd-method", type=click.Choice(["pchip", "cubic"]), default="pchip",
+              show_default=True,
+              help="BD interpolation: piecewise cubic Hermite, or the classic cubic fit")
+@click.option("--output-dir", default="", metavar="DIR",
+              help="also keep the plots, CSV and JSON files here")
+@click.option("--run-name", default="", metavar="NAME", help="name of the comparison run")
+def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags: dict[str, str],
+            group_by: str, anchor: str, metrics: tuple[str, ...], references: tuple[str, ...],
+            jpeg: bool, bd_method: str, output_dir: str, run_name: str) -> None:
+    """Compare runs as rate-distortion curves: RD plots and BD-rate / BD-metric tables.
+
+    Evaluate runs are grouped into curves (by the method tag unless --group-by says
+    otherwise), ordered by bpp, and for every quality metric they share (PSNR, MS-SSIM, task
+    metrics) each curve is measured against the anchor. Plots (PNG, SVG), points and BD
+    table (CSV, JSON) are logged to a new MLflow run tagged comparison=true. BD needs at
+    least 4 points per curve and overlapping curves; otherwise the table says why.
+
+    \b
+    Examples:
+      taskcodec compare --experiment taskcodec --anchor bmshj2018-factorized
+      taskcodec compare --jpeg --anchor JPEG --group-by codec --output-dir rd/
+      taskcodec compare --filter "params.N = '128'" --reference kodak/jpeg.json
+      taskcodec compare --tag method=mbt2018 --group-by metric --metric ms_ssim
+      taskcodec compare --run-id RUN1 --run-id RUN2 --run-id RUN3 --run-id RUN4
+    """
+    from taskcodec.compare import CompareOptions
+    from taskcodec.compare import compare as run_comparison
+
+    options = CompareOptions(
+        experiment=experiment.strip(), filter_string=filter_string.strip(),
+        run_ids=_split(run_ids), tags=tags, group_by=group_by, anchor=anchor.strip(),
+        metrics=_split(metrics), references=tuple(r for r in references if r.strip()),
+        jpeg=jpeg, bd_method=bd_method,
+        output_dir=Path(output_dir) if output_dir.strip() else None, run_name=run_name)
+    result = run_comparison(options)
+    click.echo(result.text)
+    click.echo()
+    if options.output_dir:
+        click.echo(f"Files: {options.output_dir}")
+    click.echo(f"MLflow run: {result.run_id}")

@@ -1,0 +1,51 @@
+"""``mlflow run`` that stops gracefully on SIGTERM: ``python -m taskcodec.launch.mlflow_run
+PROJECT -e ENTRY ...`` takes exactly the arguments of ``mlflow run``.
+
+Why: Kubernetes stops a pod (preemption, eviction, ``kubectl delete``) with SIGTERM to the
+container's main process, here ``mlflow run``. Plain ``mlflow run`` dies at once on SIGTERM and
+leaves the training process orphaned, to be killed without a checkpoint when the container
+ends. On Ctrl-C (SIGINT), however, ``mlflow run`` sends SIGTERM to the training process and
+waits for it, and the trainer then writes its checkpoint and exits with status 75. So this
+wrapper treats SIGTERM like Ctrl-C, and exits 75 ("preempted, retry me") after a stop, which
+the Job's pod failure policy does not count as a failure.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+PREEMPTED_EXIT = 75  # same as taskcodec.engine.PREEMPTED_EXIT (no torch import here)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import click
+    from mlflow.cli import cli
+
+    stopped = False
+
+    def _interrupt(signum, frame):
+        nonlocal stopped
+        stopped = True
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        cli.main(args=["run", *(sys.argv[1:] if argv is None else argv)], prog_name="mlflow",
+                 standalone_mode=False)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        # mlflow has already stopped the training process and waited for its checkpoint.
+        return PREEMPTED_EXIT if stopped else 130
+    except click.ClickException as exc:  # a usage error: say it as mlflow would
+        exc.show()
+        return exc.exit_code
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except Exception as exc:  # mlflow's ExecutionException: the entry point failed
+        print(f"mlflow run: {exc}", file=sys.stderr)
+        return 1
+    return PREEMPTED_EXIT if stopped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

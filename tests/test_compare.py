@@ -1,0 +1,416 @@
+"""RD comparisons: BD deltas on hand-checkable curves, grouping, references, and ``taskcodec
+compare`` against a real MLflow server (evaluate-like runs logged directly, and one test that
+trains and evaluates tiny real codecs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
+from PIL import Image
+
+from taskcodec import compare as cmp
+from taskcodec.cli.main import cli
+from taskcodec.errors import ConfigError, DataError
+
+RATES = [0.1, 0.2, 0.4, 0.8]
+PSNRS = [26.0, 29.0, 32.0, 35.0]  # 3 dB per doubling of the rate: linear in log-rate
+
+
+def curve(name: str, rates, values, metric: str = "psnr", source: str = "runs") -> cmp.Curve:
+    return cmp.make_curve(name, [cmp.Point(r, {metric: v}) for r, v in zip(rates, values)], source)
+
+
+# -- BD deltas ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", cmp.BD_METHODS)
+def test_identical_curves_differ_by_nothing(method):
+    a, b = curve("a", RATES, PSNRS), curve("b", RATES, PSNRS)
+    assert cmp.bd_rate(a, b, "psnr", method) == pytest.approx(0.0, abs=1e-9)
+    assert cmp.bd_metric(a, b, "psnr", method) == pytest.approx(0.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("method", cmp.BD_METHODS)
+def test_half_the_rate_at_every_quality_is_minus_50_percent(method):
+    anchor = curve("anchor", RATES, PSNRS)
+    half = curve("half", [r / 2 for r in RATES], PSNRS)
+    assert cmp.bd_rate(anchor, half, "psnr", method) == pytest.approx(-50.0, abs=1e-6)
+    assert cmp.bd_rate(half, anchor, "psnr", method) == pytest.approx(100.0, abs=1e-6)
+    # Half the rate is one doubling earlier: 3 dB better at equal rate on this curve.
+    assert cmp.bd_metric(anchor, half, "psnr", method) == pytest.approx(3.0, abs=1e-6)
+
+
+def test_a_constant_quality_gain_is_the_bd_metric_and_curves_may_differ_in_size():
+    anchor = curve("anchor", RATES, PSNRS)
+    better = curve("better", [0.1, 0.15, 0.2, 0.4, 0.8], [27.0, 27.0 + 3 * math.log2(1.5), 30.0,
+                                                         33.0, 36.0])
+    assert cmp.bd_metric(anchor, better, "psnr") == pytest.approx(1.0, abs=1e-6)
+    # 1 dB at 3 dB per doubling is a rate factor of 2^(-1/3).
+    assert cmp.bd_rate(anchor, better, "psnr") == pytest.approx((2 ** (-1 / 3) - 1) * 100, abs=1e-6)
+
+
+def test_lower_is_better_metrics_are_turned_around():
+    errors = [0.20, 0.15, 0.10, 0.05]
+    anchor = curve("anchor", RATES, errors, "abs_rel")
+    half = curve("half", [r / 2 for r in RATES], errors, "abs_rel")
+    assert cmp.lower_is_better("abs_rel") and not cmp.lower_is_better("psnr")
+    assert cmp.bd_rate(anchor, half, "abs_rel") == pytest.approx(-50.0, abs=1e-6)
+    lower = curve("lower", RATES, [e - 0.01 for e in errors], "abs_rel")
+    assert cmp.bd_metric(anchor, lower, "abs_rel") == pytest.approx(-0.01, abs=1e-9)
+
+
+def test_fewer_than_four_points_is_one_clear_error():
+    anchor = curve("anchor", RATES, PSNRS)
+    short = curve("short-one", RATES[:3], PSNRS[:3])
+    for func in (cmp.bd_rate, cmp.bd_metric):
+        with pytest.raises(ConfigError) as err:
+            func(anchor, short, "psnr")
+        message = str(err.value)
+        assert "\n" not in message
+        assert "'short-one' has 3 psnr point(s)" in message and "at least 4" in message
+
+
+def test_curves_that_do_not_overlap_are_one_clear_error():
+    low = curve("low", RATES, PSNRS)
+    high = curve("high", [r * 10 for r in RATES], [p + 20 for p in PSNRS])
+    with pytest.raises(ConfigError, match=r"'high' \(46-55 dB\) and 'low' \(26-35 dB\) do not "
+                                          r"overlap in psnr"):
+        cmp.bd_rate(low, high, "psnr")
+    with pytest.raises(ConfigError, match=r"do not overlap in rate"):
+        cmp.bd_metric(low, high, "psnr")
+
+
+def test_quality_that_falls_with_rate_is_refused_for_bd_rate_only():
+    anchor = curve("anchor", RATES, PSNRS)
+    bumpy = curve("bumpy", RATES, [27.0, 30.0, 29.5, 34.0])
+    with pytest.raises(ConfigError, match=r"'bumpy': psnr does not improve from 0.2 to 0.4 bpp"):
+        cmp.bd_rate(anchor, bumpy, "psnr")
+    assert math.isfinite(cmp.bd_metric(anchor, bumpy, "psnr"))
+
+
+def test_unknown_bd_method_is_refused():
+    with pytest.raises(ConfigError, match="'akimbo' is not one of: pchip, cubic"):
+        cmp.bd_rate(curve("a", RATES, PSNRS), curve("b", RATES, PSNRS), "psnr", "akimbo")
+
+
+def test_bd_table_reports_why_a_value_is_missing_instead_of_failing():
+    anchor = curve("anchor", RATES, PSNRS)
+    rows = cmp.bd_table([anchor, curve("two", RATES[:2], PSNRS[:2]),
+                         curve("half", [r / 2 for r in RATES], PSNRS)], anchor, ["psnr"])
+    assert [r.curve for r in rows] == ["two", "half"]
+    assert rows[0].bd_rate is None and "has 2 psnr point(s)" in rows[0].bd_rate_error
+    assert rows[1].bd_rate == pytest.approx(-50.0) and not rows[1].reason
+    text = cmp.format_bd(rows, "anchor", "pchip")
+    assert re.search(r"half\s+psnr\s+-50.00 %\s+\+3 dB", text)
+    assert re.search(r"two\s+psnr\s+n/a\s+n/a\s+\(curve 'two' has 2 psnr point", text)
+
+
+# -- runs into curves --------------------------------------------------------------------------
+def fake_run(metrics: dict, params: dict | None = None, tags: dict | None = None,
+             name: str = "") -> Run:
+    """A real MLflow ``Run`` entity, as a search returns it (no store needed)."""
+    run_id = uuid.uuid4().hex
+    info = RunInfo(run_id=run_id, experiment_id="0", user_id="u", status="FINISHED",
+                   start_time=0, end_time=1, lifecycle_stage="active", artifact_uri="",
+                   run_name=name or run_id[:6])
+    data = RunData(metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                   params=[Param(k, str(v)) for k, v in (params or {}).items()],
+                   tags=[RunTag(k, v) for k, v in (tags or {}).items()])
+    return Run(info, data)
+
+
+def evaluate_metrics(bpp: float, psnr: float, ms_ssim: float = 0.9) -> dict:
+    """The metrics evaluate logs for one run."""
+    jpeg_bpp = bpp * 1.02  # JPEG quality depends on its rate only: 3 dB worse than PSNRS
+    return {"bpp": bpp, "bpp_estimated": bpp * 0.97, "psnr": psnr, "ms_ssim": ms_ssim,
+            "encode_time": 0.1, "decode_time": 0.2, "jpeg_bpp": jpeg_bpp,
+            "jpeg_psnr": 23 + 3 * math.log2(jpeg_bpp / 0.1), "jpeg_ms_ssim": 0.8 + jpeg_bpp / 10}
+
+
+def test_runs_are_grouped_by_tag_or_param_and_ordered_by_rate():
+    runs = [fake_run(evaluate_metrics(0.4, 32), {"lmbda": 0.0067}, {"method": "b"}),
+            fake_run(evaluate_metrics(0.1, 26), {"lmbda": 0.0018}, {"method": "b"}),
+            fake_run(evaluate_metrics(0.2, 29), {"lmbda": 0.0035, "method": "a"}),
+            fake_run({"val_bpp": 0.3, "val_psnr": 20}, {"lmbda": 0.1}, {"method": "a"}),
+            fake_run(evaluate_metrics(0.3, 30), {"lmbda": 0.01})]
+    curves = cmp.curves_from_runs(runs, "method")
+    assert [(c.name, [p.bpp for p in c.points]) for c in curves] == [
+        ("(no method)", [0.3]), ("a", [0.2]), ("b", [0.1, 0.4])]  # the training run is left out
+    b = curves[2]
+    assert [p.label for p in b.points] == ["λ=0.0018", "λ=0.0067"]
+    assert [p.run_id for p in b.points] == [runs[1].info.run_id, runs[0].info.run_id]
+    assert set(b.points[0].metrics) == {"psnr", "ms_ssim"}  # no rates, timings or JPEG
+    by_two = cmp.curves_from_runs(runs[:2], "method,lmbda")
+    assert [c.name for c in by_two] == ["b/0.0018", "b/0.0067"]
+    assert cmp.shared_metrics(curves) == ["psnr", "ms_ssim"]
+
+
+def test_jpeg_points_of_the_runs_make_one_reference_curve():
+    runs = [fake_run(evaluate_metrics(b, p), tags={"method": "m"}) for b, p in zip(RATES, PSNRS)]
+    again = fake_run(evaluate_metrics(0.4, 31.0), tags={"method": "other"})  # same JPEG point
+    jpeg = cmp.jpeg_curve([*reversed(runs), again])
+    assert jpeg.source == "jpeg" and jpeg.name == cmp.JPEG_CURVE
+    assert [p.bpp for p in jpeg.points] == [b * 1.02 for b in RATES]
+    assert [p.metrics["psnr"] for p in jpeg.points] == pytest.approx([p - 3 + 3 * math.log2(1.02)
+                                                                      for p in PSNRS])
+    assert [p.label for p in jpeg.points] == ["JPEG", "JPEG", "JPEG (2 runs)", "JPEG"]
+    assert cmp.pick_anchor([*cmp.curves_from_runs(runs), jpeg], "jpeg") is jpeg
+    assert cmp.pick_anchor([*cmp.curves_from_runs(runs), jpeg], None) is jpeg
+    with pytest.raises(ConfigError, match=r"--anchor 'nope' is not one of the curves: 'm', 'JPEG"):
+        cmp.pick_anchor([*cmp.curves_from_runs(runs), jpeg], "nope")
+
+
+def test_metric_kinds():
+    assert [m for m in evaluate_metrics(0.1, 30) if cmp.is_quality_metric(m)] == ["psnr", "ms_ssim"]
+    assert all(cmp.is_quality_metric(m) for m in ("map", "miou", "abs_rel", "accuracy"))
+    assert cmp.metric_label("psnr") == "PSNR (dB)"
+    assert cmp.metric_label("abs_rel") == "AbsRel, lower is better"
+
+
+# -- reference curves --------------------------------------------------------------------------
+def test_compressai_results_json_becomes_a_reference_curve(tmp_path):
+    path = tmp_path / "jpeg.json"
+    path.write_text(json.dumps({"name": "JPEG", "description": "Pillow", "results": {
+        "psnr-rgb": [24.0, 27.0, 30.0, 33.0], "ms-ssim-rgb": [0.8, 0.89, 0.92, 0.94],
+        "bpp": [0.4, 0.2, 0.8, 1.6], "encoding_time": [0.01] * 4}}))
+    ref = cmp.load_reference(path)
+    assert ref.name == "JPEG" and ref.source == "reference"
+    assert [p.bpp for p in ref.points] == [0.2, 0.4, 0.8, 1.6]
+    assert ref.points[0].metrics == {"psnr": 27.0, "ms_ssim": 0.89}
+
+    unnamed = tmp_path / "paper-bmshj2018.json"
+    unnamed.write_text(json.dumps({"results": {"psnr": [30.0], "bpp": [0.5]}}))
+    assert cmp.load_reference(unnamed).name == "paper-bmshj2018"
+
+
+def test_csv_reference_with_bpp_and_metric_columns(tmp_path):
+    path = tmp_path / "vtm.csv"
+    path.write_text("bpp,PSNR,MS-SSIM,mAP\n0.5,31.5,0.95,\n0.25,29.0,0.93,0.41\n")
+    ref = cmp.load_reference(path)
+    assert ref.name == "vtm"
+    assert [(p.bpp, p.metrics) for p in ref.points] == [
+        (0.25, {"psnr": 29.0, "ms_ssim": 0.93, "map": 0.41}), (0.5, {"psnr": 31.5, "ms_ssim": 0.95})]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("a.json", '{"results": {"psnr": [1, 2], "bpp": [0.1]}}', "lists of different lengths"),
+    ("b.json", "{not json", "is not valid JSON"),
+    ("c.csv", "rate,psnr\n0.1,30\n", "has no bpp column (has: rate, psnr)"),
+    ("d.csv", "bpp,psnr\n0.1,thirty\n", "psnr[0]: 'thirty' is not a number"),
+    ("e.txt", "bpp\n0.1\n", "expected a .json (CompressAI results) or .csv file"),
+])
+def test_bad_reference_files_name_the_file(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        cmp.load_reference(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+    with pytest.raises(DataError, match="missing.json does not exist"):
+        cmp.load_reference(tmp_path / "missing.json")
+
+
+def test_run_ids_tag_is_cut_to_the_tag_limit_and_says_how_many_are_left_out():
+    ids = [uuid.uuid4().hex for _ in range(200)]
+    assert cmp.run_ids_tag(ids[:3]) == ",".join(ids[:3])
+    tag = cmp.run_ids_tag(ids)
+    assert len(tag) <= cmp.MAX_TAG_CHARS
+    kept = tag.split(",")[:-1]
+    assert kept == ids[:len(kept)] and len(kept) > 100
+    assert tag.endswith(f"...(+{200 - len(kept)} more; see compared_runs.json)")
+
+
+def test_plot_has_labelled_axes_legend_and_both_formats(tmp_path):
+    curves = [curve("anchor", RATES, PSNRS), curve("ref", RATES, PSNRS, source="reference")]
+    png, svg = cmp.plot_rd(curves, "psnr", tmp_path / "rd_psnr")
+    with Image.open(png) as img:
+        img.verify()
+        assert img.format == "PNG" and img.size[0] > 300
+    text = svg.read_text()
+    for label in ("Rate (bpp, bits per pixel)", "PSNR (dB)", "anchor (4)", "ref (4)"):
+        assert label in text
+
+
+# -- taskcodec compare against a real MLflow server -------------------------------------------
+def log_eval_run(client, experiment_id: str, method: str, lmbda: float, metrics: dict,
+                 tags: dict | None = None) -> str:
+    run = client.create_run(experiment_id, run_name=f"eval-{method}-{lmbda}",
+                            tags={"method": method, "codec": method, "entry_point": "evaluate",
+                                  **(tags or {})})
+    run_id = run.info.run_id
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()],
+                     params=[Param("lmbda", str(lmbda)), Param("codec", method)])
+    client.set_terminated(run_id)
+    return run_id
+
+
+@pytest.fixture
+def experiment(mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    name = f"cmp-{uuid.uuid4().hex[:8]}"
+    return client, name, client.create_experiment(name)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.server
+def test_compare_command_logs_a_comparison_run(experiment, tmp_path):
+    client, name, exp_id = experiment
+    ids = {}
+    for i, (rate, psnr) in enumerate(zip(RATES, PSNRS)):
+        lmbda, ms_ssim = [0.0018, 0.0035, 0.0067, 0.013][i], 0.9 + 0.02 * i
+        ids[("anchor", i)] = log_eval_run(client, exp_id, "anchor", lmbda,
+                                          evaluate_metrics(rate, psnr, ms_ssim))
+        ids[("half", i)] = log_eval_run(client, exp_id, "half", lmbda,
+                                        evaluate_metrics(rate / 2, psnr, ms_ssim))
+    # Neither a training run nor a stray run without the evaluate tag joins the comparison.
+    stray = client.create_run(exp_id, tags={"method": "half"}).info.run_id
+    client.log_metric(stray, "bpp", 0.05)
+    client.log_metric(stray, "psnr", 40.0)
+    client.log_metric(stray, "ms_ssim", 0.99)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "unrelated.txt").write_text("not part of the comparison")
+    result = CliRunner().invoke(cli, ["compare", "--experiment", name, "--anchor", "anchor",
+                                      "--output-dir", str(out), "--run-name", "rd-test"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"half\s+psnr\s+-50.00 %\s+\+3 dB", result.output)
+    run_id = re.search(r"MLflow run: ([0-9a-f]{32})", result.output).group(1)
+
+    run = client.get_run(run_id)
+    assert run.info.run_name == "rd-test" and run.info.experiment_id == exp_id
+    assert run.data.tags["comparison"] == "true" and run.data.tags["entry_point"] == "compare"
+    assert set(run.data.tags["compared_run_ids"].split(",")) == set(ids.values())
+    assert "| half | psnr | -50.00 % | +3 |" in run.data.tags["mlflow.note.content"]
+    assert run.data.params["group_by"] == "method" and run.data.params["anchor"] == "anchor"
+    logged = {Path(f.path).name for f in client.list_artifacts(run_id, "comparison")}
+    assert {"rd_psnr.png", "rd_psnr.svg", "rd_ms_ssim.png", "points.csv", "points.json",
+            "bd.csv", "bd.json", "compared_runs.json"} <= logged
+    assert "unrelated.txt" not in logged
+
+    points = read_csv(out / "points.csv")
+    assert len(points) == 8 and stray not in {p["run_id"] for p in points}
+    half = [p for p in points if p["curve"] == "half"]
+    assert [float(p["bpp"]) for p in half] == [r / 2 for r in RATES]  # ordered by rate
+    bd = json.loads((out / "bd.json").read_text())
+    assert bd["anchor"] == "anchor" and bd["method"] == "pchip"
+    assert {(r["metric"], round(r["bd_rate"], 6)) for r in bd["rows"]} == {("psnr", -50.0),
+                                                                          ("ms_ssim", -50.0)}
+    assert json.loads((out / "compared_runs.json").read_text())["run_ids"] == sorted(ids.values())
+
+    # An earlier comparison run is never compared again.
+    again = CliRunner().invoke(cli, ["compare", "--experiment", name, "--jpeg", "--anchor",
+                                     "JPEG", "--bd-method", "cubic", "--metric", "psnr"])
+    assert again.exit_code == 0, again.output
+    again_id = re.search(r"MLflow run: ([0-9a-f]{32})", again.output).group(1)
+    again_run = client.get_run(again_id)
+    assert run_id not in again_run.data.tags["compared_run_ids"]
+    bd_path = client.download_artifacts(again_id, "comparison/bd.json", str(tmp_path / "again"))
+    again_bd = {(r["curve"], r["metric"]): r for r in json.loads(Path(bd_path).read_text())["rows"]}
+    # JPEG needs twice the anchor's rate for the same PSNR, four times that of "half".
+    assert again_bd[("anchor", "psnr")]["bd_rate"] == pytest.approx(-50.0, abs=1e-6)
+    assert again_bd[("half", "psnr")]["bd_rate"] == pytest.approx(-75.0, abs=1e-6)
+    assert again_bd[("anchor", "psnr")]["bd_metric"] == pytest.approx(3.0, abs=1e-6)
+    assert again_run.data.params["bd_method"] == "cubic"
+
+
+@pytest.mark.server
+def test_selection_by_tag_run_id_and_filter(experiment):
+    client, name, exp_id = experiment
+    a = [log_eval_run(client, exp_id, "a", i, evaluate_metrics(r, p), {"data": "kodak"})
+         for i, (r, p) in enumerate(zip(RATES, PSNRS))]
+    b = [log_eval_run(client, exp_id, "b", i, evaluate_metrics(r, p + 1), {"data": "clic"})
+         for i, (r, p) in enumerate(zip(RATES, PSNRS))]
+    by_tag = cmp.select_runs(client, experiment_ids=[exp_id], tags={"data": "kodak"})
+    assert {r.info.run_id for r in by_tag} == set(a)
+    by_filter = cmp.select_runs(client, experiment_ids=[exp_id],
+                                filter_string="tags.method = 'b' and metrics.bpp > 0.15")
+    assert {r.info.run_id for r in by_filter} == set(b[1:])
+    by_id = cmp.select_runs(client, run_ids=[a[0], b[0]], tags={"data": "clic"})
+    assert [r.info.run_id for r in by_id] == [b[0]]
+    with pytest.raises(ConfigError, match="MLflow search .*failed"):
+        cmp.select_runs(client, experiment_ids=[exp_id], filter_string="bogus ==")
+
+
+@pytest.mark.server
+def test_compare_errors_are_one_line(experiment):
+    client, name, exp_id = experiment
+    result = CliRunner().invoke(cli, ["compare", "--experiment", name])
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and "no run with a bpp metric" in result.output
+    result = CliRunner().invoke(cli, ["compare", "--experiment", "no-such-experiment-xyz"])
+    assert result.exit_code == 2
+    assert "Error: no experiment 'no-such-experiment-xyz'" in result.output
+    log_eval_run(client, exp_id, "a", 0.01, evaluate_metrics(0.2, 30))
+    result = CliRunner().invoke(cli, ["compare", "--experiment", name, "--metric", "miou"])
+    assert result.exit_code == 2 and "--metric miou: not logged" in result.output
+    result = CliRunner().invoke(cli, ["compare", "--experiment", name, "--tag", "oops"])
+    assert result.exit_code == 2 and "'oops' is not NAME=VALUE" in result.output
+
+
+def taskcodec(*args: str, cwd: Path) -> str:
+    """Run the installed ``taskcodec`` command; its last stdout line (a run id)."""
+    exe = Path(sys.executable).parent / "taskcodec"
+    done = subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"taskcodec {' '.join(args)}:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow  # trains and evaluates four tiny codecs (about 90 s on 2 CPU cores)
+@pytest.mark.server
+def test_end_to_end_train_evaluate_compare(mlflow_server, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    name = f"e2e-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    client = MlflowClient(mlflow_server.uri)
+    evaluated = {}
+    for codec in ("bmshj2018-factorized", "bmshj2018-hyperprior"):
+        for lmbda in ("0.0035", "0.05"):
+            # 64: the hyperprior downsamples 64 times, smaller crops do not fit its hyper-latent.
+            out = taskcodec("train", "--codec", codec, "--lmbda", lmbda, "--N", "8", "--M", "8",
+                            "--patch-size", "64", "--batch-size", "2", "--max-steps", "3",
+                            "--max-val-images", "1", "--max-side", "128",
+                            "--checkpoint-dir", str(tmp_path / "ckpt" / f"{codec}-{lmbda}"),
+                            cwd=tmp_path)
+            train_id = re.findall(r"^[0-9a-f]{32}$", out, re.M)[-1]
+            out = taskcodec("evaluate", "--checkpoint", train_id, "--max-images", "1",
+                            "--max-side", "128", "--jpeg", "false", cwd=tmp_path)
+            eval_id = re.search(r"MLflow run: ([0-9a-f]{32})", out).group(1)
+            evaluated[eval_id] = client.get_run(eval_id).data.metrics
+
+    out_dir = tmp_path / "rd"
+    out = taskcodec("compare", "--output-dir", str(out_dir), cwd=tmp_path)
+    # Two points per curve: plots and tables, and BD reported as not computable with the reason.
+    assert re.search(r"bmshj2018-hyperprior\s+psnr\s+n/a\s+n/a\s+\(curve 'bmshj2018-\w+' has 2 "
+                     r"psnr point\(s\); BD needs at least 4\)", out), out
+    run_id = re.search(r"MLflow run: ([0-9a-f]{32})", out).group(1)
+    assert set(client.get_run(run_id).data.tags["compared_run_ids"].split(",")) == set(evaluated)
+
+    for metric in ("psnr", "ms_ssim"):
+        with Image.open(out_dir / f"rd_{metric}.png") as img:
+            img.load()
+            assert img.size[0] > 0 and img.size[1] > 0
+    rows = read_csv(out_dir / "points.csv")
+    assert {r["run_id"] for r in rows} == set(evaluated)
+    for row in rows:
+        logged = evaluated[row["run_id"]]
+        for key in ("bpp", "psnr", "ms_ssim"):
+            assert float(row[key]) == logged[key]
+    assert {r["curve"] for r in rows} == {"bmshj2018-factorized", "bmshj2018-hyperprior"}
+    downloaded = client.download_artifacts(run_id, "comparison/rd_psnr.png", str(tmp_path / "dl"))
+    with Image.open(downloaded) as img:
+        assert img.format == "PNG" and img.size == Image.open(out_dir / "rd_psnr.png").size
