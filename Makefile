@@ -9,7 +9,11 @@ TOOLS     := .cache/tools
 PYTEST_ARGS ?=
 UI_PORT   ?= 5000
 
-.PHONY: help init install update build test demo mlflow-ui lint clean system-deps
+# Targets of the training image (docker/) and of the team tracking server (deploy/).
+-include docker/image.mk
+-include deploy/tracking.mk
+
+.PHONY: help init install update build test demo mlflow-ui lint clean system-deps scalable-demo
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -43,6 +47,9 @@ test: install system-deps ## run the test suite (starts its own servers on 127.0
 
 demo: install ## train a small codec on the embedded images, evaluate it, compare with JPEG
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/demo
+
+scalable-demo: install ## the scalable-coding pipeline on the embedded scenes (base, enhancements, RD)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/scalable-demo
 
 mlflow-ui: install ## open the MLflow UI over the local store (./mlflow.db) on 127.0.0.1
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop)"

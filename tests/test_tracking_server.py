@@ -342,7 +342,7 @@ def test_another_user_may_read_but_not_modify_alices_experiment(team, trained):
 
     checked = doctor(team.env("bob", experiment="team-e2e"))
     assert checked.exit_code == 1
-    assert ("FAIL artifacts     this account may not create runs in experiment 'team-e2e' "
+    assert ("FAIL artifacts    this account may not create runs in experiment 'team-e2e' "
             "(HTTP 403); fix: ask the experiment's owner or an admin to grant you EDIT on it"
             ) in checked.stdout
 

@@ -267,9 +267,10 @@ class EnhancementConfig(LoopConfig):
                       choices=("reconstruction", "segmentation"))
     N: int = opt(64, "channels of the enhancement transforms", min=1, max=1024)
     M: int = opt(64, "channels of the enhancement latent", min=1, max=1024)
-    alpha: float = opt(0.01, "weight of the rate: loss = alpha * (bpp_base + bpp_enh) + D, "
-                       "with D = 255^2 * MSE or the segmentation cross-entropy",
-                       min=0, min_exclusive=True)
+    alpha: float = opt(128.0, "weight of the rate: loss = alpha * (bpp_base + bpp_enh) + D, "
+                       "with D = 255^2 * MSE (alpha = 1/lambda of CompressAI's convention: "
+                       "64..512 spans its usual range) or the segmentation cross-entropy "
+                       "(alpha around 0.05..1)", min=0, min_exclusive=True)
     condition_decoder: bool = opt(True, "conditional: also feed the base to the decoder")
     image_size: int = opt(128, "side of the procedural scenes / training crops", min=32,
                           max=4096)

@@ -1,6 +1,6 @@
 #!/bin/bash
 #SBATCH --account=def-lab
-#SBATCH --array=0-0
+#SBATCH --array=0
 #SBATCH --cpus-per-task=4
 #SBATCH --export=ALL
 #SBATCH --job-name=rd-cpu
@@ -14,7 +14,7 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --time=2:00:00
 #
-# Rendered by slurm-launch: MLflow entry point 'train', 1 array task, one MLflow run each.
+# Rendered by slurm-launch: MLflow entry point 'train', 1 array task continuing one MLflow run.
 # $TASKCODEC_RUN_IDS (set at submission, kept by Slurm across requeues) holds the run ids,
 # so a requeued task continues its own run from its last checkpoint. Credentials are not
 # written here: they come from the exported environment or $TASKCODEC_CREDENTIALS_FILE.

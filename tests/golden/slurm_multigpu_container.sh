@@ -1,5 +1,5 @@
 #!/bin/bash
-#SBATCH --array=0-0
+#SBATCH --array=0
 #SBATCH --cpus-per-task=8
 #SBATCH --export=ALL
 #SBATCH --gres=gpu:a100:2
@@ -15,7 +15,7 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --time=1-00:00:00
 #
-# Rendered by slurm-launch: MLflow entry point 'train', 1 array task, one MLflow run each.
+# Rendered by slurm-launch: MLflow entry point 'train', 1 array task continuing one MLflow run.
 # $TASKCODEC_RUN_IDS (set at submission, kept by Slurm across requeues) holds the run ids,
 # so a requeued task continues its own run from its last checkpoint. Credentials are not
 # written here: they come from the exported environment or $TASKCODEC_CREDENTIALS_FILE.
@@ -59,7 +59,7 @@ cmd+=(-P "data=$stage_dir/${data_src##*/}")
 
 dist=(torchrun --standalone --nnodes=1 --nproc-per-node=2)
 cmd=("${dist[@]}" --no-python sh -c 'trap "" USR1 TERM; exec "$@"' sh "${cmd[@]}")
-pass_env=(AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN CUDA_VISIBLE_DEVICES HTTPS_PROXY HTTP_PROXY MLFLOW_EXPERIMENT_NAME MLFLOW_S3_ENDPOINT_URL MLFLOW_TRACKING_CLIENT_CERT_PATH MLFLOW_TRACKING_INSECURE_TLS MLFLOW_TRACKING_PASSWORD MLFLOW_TRACKING_SERVER_CERT_PATH MLFLOW_TRACKING_TOKEN MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME NO_PROXY SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID SLURM_CPUS_PER_TASK SLURM_JOB_ID SLURM_JOB_NAME SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NODEID SLURM_PROCID SLURM_TMPDIR TASKCODEC_GIT_COMMIT TASKCODEC_IMAGE TORCHELASTIC_SIGNALS_TO_HANDLE TORCH_HOME WANDB_MODE http_proxy https_proxy no_proxy)
+pass_env=(AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_SESSION_TOKEN CUDA_VISIBLE_DEVICES HTTPS_PROXY HTTP_PROXY MLFLOW_EXPERIMENT_NAME MLFLOW_S3_ENDPOINT_URL MLFLOW_TRACKING_CLIENT_CERT_PATH MLFLOW_TRACKING_INSECURE_TLS MLFLOW_TRACKING_PASSWORD MLFLOW_TRACKING_SERVER_CERT_PATH MLFLOW_TRACKING_TOKEN MLFLOW_TRACKING_URI MLFLOW_TRACKING_USERNAME NO_PROXY OMP_NUM_THREADS SLURM_ARRAY_JOB_ID SLURM_ARRAY_TASK_ID SLURM_CPUS_PER_TASK SLURM_JOB_ID SLURM_JOB_NAME SLURM_JOB_NODELIST SLURM_JOB_NUM_NODES SLURM_NODEID SLURM_PROCID SLURM_TMPDIR TASKCODEC_GIT_COMMIT TASKCODEC_IMAGE TORCHELASTIC_SIGNALS_TO_HANDLE TORCH_HOME WANDB_MODE http_proxy https_proxy no_proxy)
 runtime=apptainer; command -v apptainer >/dev/null || runtime=singularity
 for name in "${pass_env[@]}"; do  # --cleanenv: only these get in (values not rendered)
   [[ -n ${!name+set} ]] && export "APPTAINERENV_$name=${!name}" "SINGULARITYENV_$name=${!name}"

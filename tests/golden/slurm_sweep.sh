@@ -13,7 +13,7 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --time=12:00:00
 #
-# Rendered by slurm-launch: MLflow entry point 'train', 4 array tasks, one MLflow run each.
+# Rendered by slurm-launch: MLflow entry point 'train', 4 array tasks, each continuing its own MLflow run.
 # $TASKCODEC_RUN_IDS (set at submission, kept by Slurm across requeues) holds the run ids,
 # so a requeued task continues its own run from its last checkpoint. Credentials are not
 # written here: they come from the exported environment or $TASKCODEC_CREDENTIALS_FILE.

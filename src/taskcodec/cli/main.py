@@ -115,9 +115,9 @@ def train_enhancement(config: EnhancementConfig) -> None:
 
     \b
     Examples:
-      taskcodec train-enhancement --base-run RUN_ID --method conditional --alpha 0.01
-      taskcodec train-enhancement --base-run RUN_ID --method residual --alpha 0.003
-      taskcodec train-enhancement --base-run RUN_ID --target segmentation
+      taskcodec train-enhancement --base-run RUN_ID --method conditional --alpha 128
+      taskcodec train-enhancement --base-run RUN_ID --method residual --alpha 256
+      taskcodec train-enhancement --base-run RUN_ID --target segmentation --alpha 0.1
     """
     _run_training(config)
 

@@ -57,7 +57,7 @@ PASS_ENV = (
     "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
     "SLURM_JOB_NAME", "SLURM_JOB_NUM_NODES", "SLURM_NODEID", "SLURM_PROCID", "SLURM_TMPDIR",
     "SLURM_CPUS_PER_TASK", "CUDA_VISIBLE_DEVICES", "TASKCODEC_IMAGE", "TASKCODEC_GIT_COMMIT",
-    "TORCHELASTIC_SIGNALS_TO_HANDLE",
+    "TORCHELASTIC_SIGNALS_TO_HANDLE", "OMP_NUM_THREADS",
 )
 MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT",
               "TIME_LIMIT", "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
@@ -222,7 +222,8 @@ def _is_apptainer_image(image: str) -> bool:
 def sbatch_flags(spec: JobSpec, options: SlurmOptions) -> dict[str, str | None]:
     """The ``#SBATCH`` flags (``None``: a flag without value), before sorting and quoting."""
     tasks = len(spec.combinations())
-    array = f"0-{tasks - 1}" + (f"%{options.max_parallel}" if options.max_parallel else "")
+    array = (f"0-{tasks - 1}" if tasks > 1 else "0") + (
+        f"%{options.max_parallel}" if options.max_parallel else "")
     flags: dict[str, str | None] = {
         "array": array,
         "cpus-per-task": str(spec.cpus),
@@ -277,8 +278,9 @@ def render_sbatch(spec: JobSpec, options: SlurmOptions, *, project_dir: str = ""
     lines += [_flag_line(k, flags[k]) for k in sorted(flags)]
     lines += [
         "#",
-        f"# Rendered by slurm-launch: MLflow entry point {spec.entry_point!r}, {len(combos)} array "
-        f"task{'s' if len(combos) > 1 else ''}, one MLflow run each.",
+        f"# Rendered by slurm-launch: MLflow entry point {spec.entry_point!r}, "
+        + (f"{len(combos)} array tasks, each continuing its own MLflow run."
+           if len(combos) > 1 else "1 array task continuing one MLflow run."),
         "# $TASKCODEC_RUN_IDS (set at submission, kept by Slurm across requeues) holds the run ids,",
         "# so a requeued task continues its own run from its last checkpoint. Credentials are not",
         "# written here: they come from the exported environment or $TASKCODEC_CREDENTIALS_FILE.",
@@ -492,8 +494,9 @@ class Cluster:
         self.run(["mkdir", "-p", "--", path])
 
     def write_private(self, path: str, text: str) -> str:
-        """Write a file readable by the user only (mode 0600); returns its absolute path."""
-        script = ('umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1" && chmod 600 "$1" '
+        """Write a file readable by the user only (mode 0600); returns its absolute path.
+        A relative ``path`` is taken from the user's home (here or on the host)."""
+        script = ('cd && umask 077 && mkdir -p "$(dirname "$1")" && cat > "$1" && chmod 600 "$1" '
                   '&& readlink -f "$1"')
         return self.run(["sh", "-c", script, "sh", path], input=text).stdout.strip()
 
