@@ -123,11 +123,11 @@ def image(tmp_path_factory):
     return engine.stdout.strip(), build.stdout.strip().splitlines()[-1]
 
 
-def _job_container(image_ref: str, tracking_uri: str, params: dict[str, str], name: str
-                   ) -> tuple[str, dict]:
+def _job_container(image_ref: str, tracking_uri: str, params: dict[str, str], name: str,
+                   gpus: int = 0) -> tuple[str, dict]:
     """Create the MLflow run as k8s-launch does and render its Job; returns (run id, container)."""
     spec = JobSpec(entry_point="train", params=params, tracking_uri=tracking_uri,
-                   experiment="image-test", image=image_ref)
+                   experiment="image-test", image=image_ref, gpus=gpus)
     opts = k8s.K8sOptions(job_name=name, volume_claim="data")
     k8s.validate(spec, opts)
     (run_id,) = k8s.create_runs(spec, opts, namespace="podman").run_ids
@@ -179,6 +179,29 @@ def test_job_command_trains_in_the_image_and_logs_to_mlflow(image, mlflow_server
     assert run.data.tags["k8s_pod"] == pod
     assert run.data.tags["image"] == ref
     assert (tmp_path / "volume" / "checkpoints" / run_id / "last.pt").is_file()
+
+
+@pytest.mark.image
+@pytest.mark.server
+@needs_image
+def test_multi_gpu_command_trains_one_run_with_torchrun(image, mlflow_server, tmp_path):
+    """The --gpus 2 command (torchrun, two processes; gloo on this CPU machine): one run, each
+    step logged once, by rank 0."""
+    from mlflow.tracking import MlflowClient
+
+    engine, ref = image
+    run_id, container = _job_container(ref, mlflow_server.uri,
+                                       {**SMALL, "max_steps": "6", "device": "cpu"},
+                                       "image-test-torchrun", gpus=2)
+    assert container["args"][0] == "torchrun"
+    pod = f"image-test-torchrun-{uuid.uuid4().hex[:6]}"
+    result = subprocess.run(_run_argv(engine, ref, container, _volume(tmp_path), pod),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:

@@ -165,14 +165,14 @@ def test_no_credential_is_ever_written_into_a_manifest(name):
                                                                      "").replace("key: password", "")
 
 
-def test_multi_gpu_runs_torchrun_with_the_run_id_and_checkpoints_on_the_volume():
+def test_multi_gpu_runs_mlflow_run_under_torchrun_and_checkpoints_on_the_volume():
     job = _render("multigpu")[0]
     args = _container(job)["args"]
-    assert args[:3] == ["env", f"MLFLOW_RUN_ID={RUN_IDS[0]}", "torchrun"]
-    assert "--nproc-per-node=4" in args
-    assert args[args.index("-m") + 1:args.index("-m") + 3] == ["taskcodec.cli.main", "train"]
-    ckpt = args[args.index("--checkpoint_dir") + 1]
-    assert ckpt == f"/mnt/taskcodec/checkpoints/{RUN_IDS[0]}"
+    assert args[:6] == ["torchrun", "--standalone", "--nnodes=1", "--nproc-per-node=4",
+                        "--no-python", "python"]
+    assert args[6:9] == ["-m", "taskcodec.launch.mlflow_run", "/opt/taskcodec"]
+    assert args[args.index("--run-id") + 1] == RUN_IDS[0]
+    assert f"checkpoint_dir=/mnt/taskcodec/checkpoints/{RUN_IDS[0]}" in args
     mounts = _container(job)["volumeMounts"]
     assert {"name": "data", "mountPath": "/mnt/taskcodec"} in mounts
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "taskcodec-data"}} \
@@ -301,7 +301,7 @@ def test_unknown_entry_point_is_refused():
 
 def test_evaluate_cannot_ask_for_torchrun():
     spec = JobSpec(entry_point="evaluate", params={"checkpoint": "abc"}, gpus=2)
-    with pytest.raises(ConfigError, match="only the train entry point runs on several GPUs"):
+    with pytest.raises(ConfigError, match="only the training entry points"):
         k8s.validate(spec, k8s.K8sOptions())
 
 
@@ -395,6 +395,11 @@ def _objects(emulator, plural):
             if res.plural == plural and not obj.deleted}
 
 
+def request_params(emulator, pod):
+    """Query parameters of the log requests the emulator got for ``pod``."""
+    return [r.params for r in emulator[f"get /api/v1/namespaces/ml/pods/{pod}/log"]]
+
+
 def _play_controller(emulator, job_name, indexes, phase="Running"):
     """What the Job controller would do: one pod per index, and the Job's status."""
     import kmock
@@ -459,9 +464,11 @@ async def test_launch_status_log_cancel_against_the_api_emulator(cluster, mlflow
     logs = await _invoke(cli.log, ["sweep-a", "--index", "1", "--tail", "2", *conn])
     assert logs.exit_code == 0, logs.output
     assert logs.stdout == "step 1 loss 2.5\nstep 2 loss 2.1\n"
-    request = emulator["get /api/v1/namespaces/ml/pods/sweep-a-1-abcde/log"][-1]
-    assert request.params.get("tailLines") == "2"
+    assert request_params(emulator, "sweep-a-1-abcde")[-1].get("tailLines") == "2"
 
+    follow = await _invoke(cli.log, ["sweep-a", "-f", "--index", "1", *conn])
+    assert follow.exit_code == 0 and follow.stdout.endswith("step 2 loss 2.1\n")
+    assert request_params(emulator, "sweep-a-1-abcde")[-1].get("follow") == "true"
     follow_two = await _invoke(cli.log, ["sweep-a", "-f", *conn])
     assert follow_two.exit_code == 2 and "give --index to follow one" in follow_two.stderr
 
@@ -556,7 +563,12 @@ async def test_unknown_context_is_one_clear_line(cluster):
 @pytest.mark.slow
 def test_mlflow_run_wrapper_turns_sigterm_into_a_graceful_stop(tmp_path):
     """Plain `mlflow run` dies on SIGTERM and orphans the trainer; the wrapper makes mlflow
-    pass SIGTERM on and wait, and exits 75 so the Job retries the pod."""
+    pass SIGTERM on and wait, exits 75 so the Job retries the pod, and leaves the run KILLED
+    (not FAILED, which mlflow itself would write)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()  # the test's own sqlite store (conftest)
+    run_id = client.create_run(client.create_experiment("wrapper")).info.run_id
     project = tmp_path / "project"
     project.mkdir()
     marker = tmp_path / "marker"
@@ -564,7 +576,7 @@ def test_mlflow_run_wrapper_turns_sigterm_into_a_graceful_stop(tmp_path):
         name: stand-in-trainer
         entry_points:
           main:
-            command: "python {project / 'train.py'}"
+            command: "{sys.executable} {project / 'train.py'}"
     """))
     (project / "train.py").write_text(textwrap.dedent(f"""
         import pathlib, signal, sys, time
@@ -579,7 +591,7 @@ def test_mlflow_run_wrapper_turns_sigterm_into_a_graceful_stop(tmp_path):
     """))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "taskcodec.launch.mlflow_run", str(project),
-                             "-e", "main", "--env-manager", "local"], env=env,
+                             "-e", "main", "--env-manager", "local", "--run-id", run_id], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -593,3 +605,4 @@ def test_mlflow_run_wrapper_turns_sigterm_into_a_graceful_stop(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert marker.read_text() == "checkpointed"
+    assert client.get_run(run_id).info.status == "KILLED"

@@ -72,3 +72,14 @@ def resolve(ref: str, which: str = "best", cache: Path | None = None) -> Path:
             raise
     raise CheckpointError(f"checkpoint {ref!r} is neither an existing file nor an MLflow run id "
                           "(32 hex characters)")
+
+
+def load_ref(ref: str, which: str = "best") -> tuple[dict[str, Any], Path]:
+    """Load a checkpoint given as a path or an MLflow run id; a download is removed after
+    loading. Returns the checkpoint and where it came from (for messages)."""
+    candidate = Path(ref).expanduser()
+    if candidate.is_file():
+        return load(candidate), candidate
+    with tempfile.TemporaryDirectory(prefix="taskcodec-ckpt-") as tmp:
+        path = resolve(ref, which, Path(tmp))
+        return load(path), Path(f"{ref}/{ARTIFACT_DIR}/{path.name}")

@@ -7,8 +7,9 @@ quality metric the runs share, each curve is compared with an anchor curve by it
 deltas (G. Bjøntegaard, "Calculation of average PSNR differences between RD-curves",
 VCEG-M33, 2001): BD-rate, the average rate difference in % at equal quality, and BD-metric,
 the average quality difference at equal rate. They are computed by the ``bjontegaard`` package,
-with piecewise cubic Hermite interpolation by default (it never overshoots between points, so
-a curve with a knee gives no spurious delta) or the classic cubic fit of VCEG-M33.
+with piecewise cubic Hermite interpolation by default (it keeps a monotonic set of points
+monotonic between them, where a single cubic through all points may wiggle and bias the delta),
+or the classic cubic fit of VCEG-M33.
 
 Published points (a CompressAI results JSON, a CSV of bpp and metrics) and the JPEG points that
 evaluate measured next to each run join as reference curves. The result is a set of files

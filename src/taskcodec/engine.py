@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from taskcodec import checkpoints, tracking
+from taskcodec import checkpoints, distributed, tracking
 from taskcodec.config import LoopConfig
 from taskcodec.errors import CheckpointError, ConfigError, TrackingError, TrainingError
 from taskcodec.recipes import Recipe, higher_is_better, recipe_for
@@ -87,6 +87,13 @@ class _Preempted(Exception):
     pass
 
 
+class _NullLogger:
+    """What ranks other than 0 log to: nothing (rank 0 logs for the run)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: [] if name == "unsent_metrics" else None
+
+
 class _SignalFlag:
     """Turns SIGTERM/SIGUSR1 into a flag the loop checks after each step."""
 
@@ -117,16 +124,38 @@ class Trainer:
     def __init__(self, config: LoopConfig, recipe: Recipe | None = None) -> None:
         self.config = config
         self.recipe = recipe or recipe_for(config)
-        self.device = pick_device(config.device)
+        self.dist = distributed.init(config.device)
+        self.device = distributed.device(self.dist, config.device) if self.dist.enabled \
+            else pick_device(config.device)
 
     # -- run lifecycle -------------------------------------------------------------------------
     def run(self) -> str:
+        """Rank 0 owns the MLflow run; other ranks (under torchrun) follow it."""
+        try:
+            if not self.dist.is_main:
+                return self._follow()
+            return self._lead()
+        finally:
+            distributed.shutdown(self.dist)
+
+    def _follow(self) -> str:
+        run_id, ckpt, stored = distributed.broadcast(None, self.dist)
+        self.ckpt_dir = Path(stored.get("checkpoint_dir") or Path("checkpoints") / run_id)
+        self._adopt_stored_config(stored)
+        self.logger = _NullLogger()
+        with _SignalFlag() as flag:
+            self.flag = flag
+            self._train(run_id, ckpt)
+        return run_id
+
+    def _lead(self) -> str:
         import mlflow
 
         config = self.config
         uri = tracking.tracking_uri()
         tracking.check_reachable(uri)
         mlflow.set_tracking_uri(uri)
+        self.recipe.prepare()  # refuse a bad base run before a run is created
         resume_id = config.resume or os.environ.get("TASKCODEC_RESUME_RUN_ID", "")
         run_id = resume_id or os.environ.get("MLFLOW_RUN_ID", "")
         client = mlflow.tracking.MlflowClient(uri)
@@ -148,9 +177,14 @@ class Trainer:
             log.warning("run %s has no checkpoint yet: starting it from scratch", run_id)
         if ckpt is not None:
             self._adopt_stored_config(ckpt["config"])
+        distributed.broadcast((run_id, ckpt, {**self.config.to_dict(),
+                                              "checkpoint_dir": str(self.ckpt_dir)}), self.dist)
         skip = tracking.logged_max_step(run_id, "loss", uri) if ckpt is not None else -1
         self.logger = tracking.RunLogger(run_id, uri=uri, spool_dir=self.ckpt_dir,
                                          skip_until_step=skip)
+        if ckpt is not None and ckpt.get("unsent_metrics"):
+            # Logged before the checkpoint but never sent: a killed process left a gap.
+            self.logger.resend_metrics(ckpt["unsent_metrics"])
         already = client.get_run(run_id).data.params
         self.logger.log_params({k: v for k, v in self.config.to_params().items()
                                 if k not in already})
@@ -224,7 +258,10 @@ class Trainer:
             init_weights(model, config.init_from)
             self.logger.set_tags({"init_from": config.init_from})
         train_set, val_set = recipe.datasets()
-        steps_per_epoch = max(1, len(train_set) // config.batch_size)
+        # Under DDP an epoch still covers the data set once: each rank takes its share.
+        steps_per_epoch = max(1, len(train_set) // (config.batch_size * self.dist.world_size))
+        self.ddp_model = distributed.wrap(model, recipe.trainable(model), self.dist)
+        self.aux_params = [p for g in aux_optimizer.param_groups for p in g["params"]]
         self.model, self.optimizer, self.aux_optimizer = model, optimizer, aux_optimizer
         self.scheduler, self.state, self.run_id = scheduler, state, run_id
         model.train()
@@ -249,7 +286,7 @@ class Trainer:
     def _batches(self, train_set, remaining: int) -> Iterator[torch.Tensor]:
         state, config = self.state, self.config
         generator = torch.Generator().manual_seed(config.seed * 100_003 + state.epoch * 1_009
-                                                  + state.epoch_step)
+                                                  + state.epoch_step + 7_919 * self.dist.rank)
         loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
                             generator=generator, num_workers=config.num_workers,
                             collate_fn=self.recipe.collate,
@@ -275,7 +312,7 @@ class Trainer:
         for batch in self._batches(train_set, remaining):
             optimizer.zero_grad(set_to_none=True)
             aux_optimizer.zero_grad(set_to_none=True)
-            losses = self.recipe.losses(model, batch, self.device)
+            losses = self.recipe.losses(self.ddp_model, batch, self.device)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 weights = " or ".join(f"{k}={getattr(config, k)}" for k in ("lmbda", "alpha", "beta")
@@ -290,6 +327,7 @@ class Trainer:
             optimizer.step()
             aux = model.aux_loss()
             aux.backward()
+            distributed.sync_grads(self.aux_params, self.dist)
             aux_optimizer.step()
             state.step += 1
             state.epoch_step += 1
@@ -301,11 +339,11 @@ class Trainer:
                 items["epoch"] = state.epoch
                 self.logger.log_metrics(items, state.step)
                 bar.set_postfix(loss=f"{items['loss']:.3f}", bpp=f"{items['bpp_loss']:.3f}")
-            if self.flag.signum is not None:
+            if distributed.any_rank(self.flag.signum is not None, self.dist):
                 bar.close()
                 self._checkpoint("last")
                 self.logger.set_tags({"preempted_at_step": str(state.step)})
-                name = signal.Signals(self.flag.signum).name
+                name = signal.Signals(self.flag.signum or signal.SIGTERM).name
                 log.warning("%s received: checkpoint written at step %d; exiting with status %d "
                             "so the job can be requeued", name, state.step, PREEMPTED_EXIT)
                 raise _Preempted(name)
@@ -320,11 +358,14 @@ class Trainer:
     def _validate_and_schedule(self, val_set) -> bool:
         """Validate, step the schedule, keep the best checkpoint; True means stop early."""
         config, state = self.config, self.state
-        self.model.eval()
-        try:
-            metrics = self.recipe.validate(self.model, val_set, self.device)
-        finally:
-            self.model.train()
+        metrics = None
+        if self.dist.is_main:  # one rank validates; the others follow its numbers
+            self.model.eval()
+            try:
+                metrics = self.recipe.validate(self.model, val_set, self.device)
+            finally:
+                self.model.train()
+        metrics = distributed.broadcast(metrics, self.dist)
         state.history.append(metrics)
         monitor = self.recipe.monitor
         if monitor not in metrics:
@@ -332,8 +373,9 @@ class Trainer:
                               f"(it measures: {', '.join(sorted(metrics))})")
         value = metrics[monitor]
         self.logger.log_metrics({**metrics, "epoch": state.epoch}, state.step)
-        log.info("step %d: %s", state.step,
-                 ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+        if self.dist.is_main:
+            log.info("step %d: %s", state.step,
+                     ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(value)
         elif self.scheduler is not None:
@@ -349,6 +391,9 @@ class Trainer:
 
     def _checkpoint(self, name: str) -> None:
         from taskcodec.bitstream import checkpoint_fingerprint
+
+        if not self.dist.is_main:
+            return
 
         state = self.state
         model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -367,6 +412,7 @@ class Trainer:
             "epoch": state.epoch, "epoch_step": state.epoch_step, "step": state.step,
             "best": state.best, "bad_validations": state.bad_validations,
             "run_id": self.run_id,
+            "unsent_metrics": self.logger.unsent_metrics(),
         }
         path = checkpoints.save_atomic(ckpt, self.ckpt_dir / f"{name}.pt")
         # Upload a snapshot: the local file is replaced by the next save while the upload runs.
@@ -384,7 +430,7 @@ def _version() -> str:
 
 def init_weights(model: nn.Module, ref: str) -> None:
     """Load another run's (or file's) weights to fine-tune from them (e.g. a new lmbda)."""
-    ckpt = checkpoints.load(checkpoints.resolve(ref, "best"))
+    ckpt, _ = checkpoints.load_ref(ref, "best")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:

@@ -178,8 +178,9 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     base_args = codec.model_args.get("base", codec.model_args)
     task = codec.task
     target = codec.model_args.get("target", "")
+    # Both layers are scored: the base on its task, a segmentation enhancement on masks.
     dataset = build_task_dataset(_data_source(config, codec), config.split,
-                                 task=task if target != "segmentation" else "segmentation",
+                                 task=(task, "segmentation") if target == "segmentation" else task,
                                  size=int(codec.config.get("image_size", 128)),
                                  seed=int(codec.config.get("seed", 0)))
     evaluators = {"base": TaskEvaluator(task, int(base_args["num_classes"]))}

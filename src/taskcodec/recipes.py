@@ -62,6 +62,10 @@ class Recipe:
     def tags(self) -> dict[str, str]:
         return {}
 
+    def prepare(self) -> None:
+        """Load and check what the recipe depends on before an MLflow run is created, so a
+        bad setting (for example a base_run that is not a train-base run) leaves no run."""
+
     def trainable(self, model: nn.Module) -> nn.Module:
         """The part whose parameters the optimizers update (all of it by default)."""
         return model
@@ -305,8 +309,7 @@ def load_base(ref: str):
     """A trained base layer (frozen) and its checkpoint's config, from a run id or a path."""
     from taskcodec import checkpoints
 
-    path = checkpoints.resolve(ref, "best")
-    ckpt = checkpoints.load(path)
+    ckpt, _ = checkpoints.load_ref(ref, "best")
     args = ckpt.get("model_args") or {}
     if args.get("kind") != "base":
         raise CheckpointError(f"base_run={ref}: its checkpoint is a {args.get('kind', 'codec')} "
@@ -331,6 +334,9 @@ class EnhancementRecipe(Recipe):
             self._base = load_base(self.config.base_run)
         return self._base
 
+    def prepare(self) -> None:
+        self.base()
+
     def datasets(self):
         if self._datasets is None:
             task = "segmentation" if self.config.target == "segmentation" else "reconstruction"
@@ -342,7 +348,9 @@ class EnhancementRecipe(Recipe):
         base_model, ckpt = self.base()
         train, _ = self.datasets()
         num_classes = len(train.seg_classes) if c.target == "segmentation" else 3
-        return {"kind": "scalable", "base": ckpt["model_args"], "N": c.N, "M": c.M,
+        # The base's beta travels with its model args: evaluate tags runs with it.
+        base = {**ckpt["model_args"], "beta": float(ckpt["config"].get("beta", 0.0))}
+        return {"kind": "scalable", "base": base, "N": c.N, "M": c.M,
                 "method": c.method, "target": c.target, "num_classes": num_classes,
                 "condition_decoder": c.condition_decoder,
                 "base_fingerprint": ckpt.get("fingerprint", "")}

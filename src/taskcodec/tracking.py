@@ -33,6 +33,9 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# end_run() against a server prints "View run ... at URL" to stdout, where `taskcodec train`
+# prints only the run id (RUN=$(taskcodec train ...)); the URL is in the UI anyway.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
@@ -190,6 +193,33 @@ class RunLogger:
                     break
             if self._queue.empty() and not self._pending:
                 self._idle.set()
+
+    def unsent_metrics(self) -> list[tuple[str, float, int, int]]:
+        """Metrics not yet confirmed sent, as ``(key, value, timestamp, step)``.
+
+        A checkpoint keeps them: if the process is killed before they reach the server, the
+        resumed run sends them (:meth:`resend_metrics`) instead of leaving a gap in its history.
+        """
+        with self._queue.mutex:  # the queue first: an item moves from it to _pending, never back
+            queued = list(self._queue.queue)
+        items = queued + list(self._pending)
+        seen = {}
+        for item in items:
+            if item is not None and item.kind == "metrics":
+                for record in item.payload:
+                    seen[(record[0], record[3])] = tuple(record)
+        return list(seen.values())
+
+    def resend_metrics(self, records) -> int:
+        """Queue the metrics a checkpoint kept, except those the run already has; returns how
+        many were queued."""
+        records = [tuple(r) for r in records]
+        logged = {key: max((m.step for m in self.client.get_metric_history(self.run_id, key)),
+                           default=-1) for key in {r[0] for r in records}}
+        fresh = [r for r in records if r[3] > logged[r[0]]]
+        if fresh:
+            self._put(_Item("metrics", fresh))
+        return len(fresh)
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until everything queued so far was sent; False if it could not be in time."""

@@ -8,6 +8,7 @@ with exit status 2; a run stopped by SIGTERM/SIGUSR1 after writing its checkpoin
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -70,7 +71,8 @@ def _run_training(config: LoopConfig) -> None:
         if is_preemption(err):
             sys.exit(PREEMPTED_EXIT)
         raise
-    click.echo(run_id)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line per run, not per process
+        click.echo(run_id)
 
 
 @cli.command()

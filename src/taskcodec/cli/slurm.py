@@ -20,8 +20,9 @@ import stat
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -346,7 +347,7 @@ def status(all_jobs: bool, all_users: bool, run_ids: bool, host, ssh_config, con
     cluster = _cluster(host, ssh_config, load_defaults(config_file))
     rows = cluster.jobs(all_users=all_users, all_jobs=all_jobs)
     if not rows:
-        click.echo("no taskcodec jobs in the queue" + (" (finished ones are not listed)"), err=True)
+        click.echo("no taskcodec jobs in the queue (finished ones are not listed)", err=True)
         return
     click.echo(format_jobs(rows, links=not run_ids))
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,12 +146,11 @@ def _header_name(args: dict[str, Any], config: dict[str, Any]) -> str:
     return f"scalable-{args['method']}-{args['target']}"
 
 
-def load_codec(ref: str, which: str = "best", cache: Path | None = None) -> LoadedCodec:
+def load_codec(ref: str, which: str = "best") -> LoadedCodec:
     """Load a model from a checkpoint path or an MLflow run id, with its entropy tables built."""
     from taskcodec.recipes import build_from_args
 
-    path = checkpoints.resolve(ref, which, cache)
-    ckpt = checkpoints.load(path)
+    ckpt, path = checkpoints.load_ref(ref, which)
     config = ckpt["config"]
     args = ckpt.get("model_args") or {"kind": "codec", "codec": config.get("codec"),
                                       "N": config.get("N"), "M": config.get("M")}

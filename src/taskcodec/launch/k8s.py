@@ -219,9 +219,9 @@ def validate(spec: JobSpec, opts: K8sOptions) -> None:
     if spec.nodes != 1:
         raise ConfigError(f"--nodes {spec.nodes}: the Kubernetes launcher runs single-node jobs "
                           "(use up to a node's GPUs with --gpus)")
-    if spec.gpus > 1 and spec.entry_point != "train":
-        raise ConfigError(f"--gpus {spec.gpus}: only the train entry point runs on several GPUs "
-                          "(torchrun)")
+    if spec.gpus > 1 and not spec.entry_point.startswith("train"):
+        raise ConfigError(f"--gpus {spec.gpus}: only the training entry points (train*) run on "
+                          f"several GPUs (torchrun), not {spec.entry_point!r}")
     if spec.venv:
         raise ConfigError("--venv has no meaning on Kubernetes: jobs run in the image (--image)")
     image = spec.image or DEFAULT_IMAGE
@@ -300,25 +300,20 @@ def validate(spec: JobSpec, opts: K8sOptions) -> None:
 
 def container_command(spec: JobSpec, params: Mapping[str, str], run_id: str,
                       opts: K8sOptions) -> list[str]:
-    """The argv of one run in the container.
-
-    One GPU or none: ``mlflow run`` of the project in the image, continuing ``run_id`` (through
-    :mod:`taskcodec.launch.mlflow_run`, which turns the pod's SIGTERM into a checkpoint). Several
-    GPUs: ``torchrun`` of ``taskcodec train`` with ``MLFLOW_RUN_ID`` set, since an MLflow entry
-    point command cannot be wrapped by torchrun.
-    """
+    """The argv of one run in the container: ``mlflow run`` of the project in the image,
+    continuing ``run_id``, through :mod:`taskcodec.launch.mlflow_run` (which turns the pod's
+    SIGTERM into a checkpoint). Several GPUs: ``torchrun`` starts one such process per GPU;
+    rank 0 logs to the run (see taskcodec.distributed), as in the Slurm launcher."""
     params = dict(params)
     if opts.volume_claim and "checkpoint_dir" not in params:
         params["checkpoint_dir"] = f"{opts.mount_path.rstrip('/')}/checkpoints/{run_id}"
-    if spec.gpus > 1:
-        argv = ["env", f"MLFLOW_RUN_ID={run_id}", "torchrun", "--standalone", "--nnodes=1",
-                f"--nproc-per-node={spec.gpus}", "-m", "taskcodec.cli.main", spec.entry_point]
-        for name in sorted(params):
-            argv += [f"--{name}", params[name]]
-        return argv
     project = spec.project_dir or IMAGE_PROJECT_DIR
     argv = mlflow_command(spec.entry_point, params, project, spec.experiment, run_id)
-    return ["python", "-m", "taskcodec.launch.mlflow_run", *argv[2:]]
+    argv = ["python", "-m", "taskcodec.launch.mlflow_run", *argv[2:]]
+    if spec.gpus > 1:
+        argv = ["torchrun", "--standalone", "--nnodes=1", f"--nproc-per-node={spec.gpus}",
+                "--no-python", *argv]
+    return argv
 
 
 def _quote(word: str) -> str:
@@ -349,6 +344,10 @@ def _env(spec: JobSpec, opts: K8sOptions, image: str) -> list[dict[str, Any]]:
     env.append({"name": "TASKCODEC_K8S_POD",
                 "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     env.append({"name": "TASKCODEC_IMAGE", "value": image})
+    if "OMP_NUM_THREADS" not in spec.env:
+        # One thread per requested CPU and process, not one per core of the node.
+        threads = max(1, spec.cpus // max(spec.gpus, 1))
+        env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     for name in sorted(spec.env):
         env.append({"name": name, "value": spec.env[name]})
     for name in sorted(opts.secret_env):

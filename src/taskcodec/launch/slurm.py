@@ -30,9 +30,10 @@ import re
 import shlex
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from taskcodec.errors import ConfigError, TaskcodecError
 from taskcodec.launch.spec import JobSpec, mlflow_command
@@ -149,7 +150,7 @@ class SlurmOptions:
     setup: list[str] = field(default_factory=list)   # shell lines run first (module load ...)
     stage_data: bool = False           # copy -P data=PATH to node-local scratch first
 
-    def validate(self, spec: JobSpec) -> "SlurmOptions":
+    def validate(self, spec: JobSpec) -> SlurmOptions:
         for label, value in (("--account", self.account), ("--partition", self.partition),
                              ("--qos", self.qos), ("--mail-user", self.mail_user)):
             if value and not _WORD.match(value.replace("@", "")):
@@ -187,7 +188,7 @@ class SlurmOptions:
             _check_line("--bind", bind)
         for line in self.setup:
             _check_line("--setup", line)
-        for name, value in spec.env.items():
+        for name in spec.env:
             if not _ENV_NAME.match(name):
                 raise ConfigError(f"--env {name!r} is not a variable name")
             if _SECRET_NAME.search(name):
