@@ -550,6 +550,18 @@ async def test_bad_input_sends_nothing_to_the_cluster(cluster):
     assert len(emulator) == 0  # not a single request reached the API server
 
 
+def test_no_kubeconfig_outside_a_cluster_is_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    result = CliRunner().invoke(cli.status, [])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("Error: no kubeconfig ($KUBECONFIG or ~/.kube/config) and "
+                                     "not inside a cluster: cannot reach Kubernetes")
+    missing = CliRunner().invoke(cli.status, ["--kubeconfig", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2
+    assert missing.stderr.startswith(f"Error: cannot read the kubeconfig {tmp_path / 'nope.yaml'}")
+
+
 @pytest.mark.asyncio
 async def test_unknown_context_is_one_clear_line(cluster):
     _, conn = cluster

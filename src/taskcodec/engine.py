@@ -13,19 +13,17 @@ import logging
 import os
 import random
 import shutil
-import signal
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from taskcodec import checkpoints, distributed, tracking
+from taskcodec import checkpoints, distributed, signals, tracking
 from taskcodec.config import LoopConfig
 from taskcodec.errors import CheckpointError, ConfigError, TrackingError, TrainingError
 from taskcodec.recipes import Recipe, higher_is_better, recipe_for
@@ -94,26 +92,6 @@ class _NullLogger:
         return lambda *args, **kwargs: [] if name == "unsent_metrics" else None
 
 
-class _SignalFlag:
-    """Turns SIGTERM/SIGUSR1 into a flag the loop checks after each step."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _SignalFlag:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
 def _loss_items(losses: dict[str, torch.Tensor]) -> dict[str, float]:
     return {k: float(v.detach()) for k, v in losses.items()}
 
@@ -137,15 +115,15 @@ class Trainer:
             return self._lead()
         finally:
             distributed.shutdown(self.dist)
+            signals.uninstall()
 
     def _follow(self) -> str:
         run_id, ckpt, stored = distributed.broadcast(None, self.dist)
         self.ckpt_dir = Path(stored.get("checkpoint_dir") or Path("checkpoints") / run_id)
         self._adopt_stored_config(stored)
         self.logger = _NullLogger()
-        with _SignalFlag() as flag:
-            self.flag = flag
-            self._train(run_id, ckpt)
+        signals.install()
+        self._train(run_id, ckpt)
         return run_id
 
     def _lead(self) -> str:
@@ -192,9 +170,8 @@ class Trainer:
                               **tracking.environment_tags()})
         status = "FAILED"
         try:
-            with _SignalFlag() as flag:
-                self.flag = flag
-                self._train(run_id, ckpt)
+            signals.install()
+            self._train(run_id, ckpt)
             status = "FINISHED"
         except _Preempted:
             status = "KILLED"
@@ -339,11 +316,11 @@ class Trainer:
                 items["epoch"] = state.epoch
                 self.logger.log_metrics(items, state.step)
                 bar.set_postfix(loss=f"{items['loss']:.3f}", bpp=f"{items['bpp_loss']:.3f}")
-            if distributed.any_rank(self.flag.signum is not None, self.dist):
+            if distributed.any_rank(signals.received is not None, self.dist):
                 bar.close()
                 self._checkpoint("last")
                 self.logger.set_tags({"preempted_at_step": str(state.step)})
-                name = signal.Signals(self.flag.signum or signal.SIGTERM).name
+                name = signals.name()
                 log.warning("%s received: checkpoint written at step %d; exiting with status %d "
                             "so the job can be requeued", name, state.step, PREEMPTED_EXIT)
                 raise _Preempted(name)

@@ -62,6 +62,9 @@ def cli(verbose: bool) -> None:
 
 
 def _run_training(config: LoopConfig) -> None:
+    from taskcodec import signals
+
+    signals.install()  # before the slow imports: a signal now still gets a checkpoint
     from taskcodec.engine import is_preemption
     from taskcodec.engine import train as run_training
 

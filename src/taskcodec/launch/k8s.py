@@ -543,7 +543,8 @@ def connect(context: str = "", kubeconfig: str = "") -> Cluster:
         contexts, current = config.list_kube_config_contexts(config_file=kubeconfig or None)
     except (config.ConfigException, OSError, TypeError) as err:
         if context or kubeconfig:
-            raise KubernetesError(f"cannot read the kubeconfig: {err}") from None
+            where = kubeconfig or "~/.kube/config"
+            raise KubernetesError(f"cannot read the kubeconfig {where}: {err}") from None
         try:
             configuration = client.Configuration()
             config.load_incluster_config(client_configuration=configuration)
