@@ -338,46 +338,36 @@ def test_training_survives_a_tracking_server_that_goes_away_and_comes_back(
 
 
 def _train_through_outage(server_script, server_dir, uri, tmp_path, stop_process):
-    T0 = time.monotonic()
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "train.log"
-    max_steps = 150
+    max_steps = 100
     proc = start_taskcodec("train", *TINY, "--epochs", "1", "--epoch-length", "10000",
-                           "--max-steps", str(max_steps), "--log-every", "1",
-                           "--checkpoint-every", "5", "--checkpoint-dir", str(ckpt_dir),
+                           "--max-steps", str(max_steps), "--log-every", "5",
+                           "--checkpoint-every", "10", "--checkpoint-dir", str(ckpt_dir),
                            cwd=tmp_path, log=log, env=env)
     stop_process(proc)
     wait_for(lambda: (ckpt_dir / "last.pt").is_file(), "the first checkpoint", proc)
-    print('T', round(time.monotonic()-T0,1), 'wait_for(lambda: (ckpt_dir / "', flush=True)
     run_id = load_checkpoint(ckpt_dir / "last.pt")["run_id"]
-    wait_for(lambda: len(steps(run_id, "loss", uri)) >= 3, "metrics on the server", proc,
-             interval=0.1)
+    wait_for(lambda: steps(run_id, "loss", uri), "metrics on the server", proc, interval=0.1)
 
     # The server goes away; training must go on (the process is paused while the server
     # stops and starts, so that the outage falls inside the training).
     os.kill(proc.pid, signal.SIGSTOP)
-    print('T', round(time.monotonic()-T0,1), 'os.kill(proc.pid, signal.SIGST', flush=True)
     stop = server_script("stop", "--dir", str(server_dir))
-    print('T', round(time.monotonic()-T0,1), 'stop = server_script("stop", "', flush=True)
     assert stop.returncode == 0, stop.stderr
     down_at = checkpoint_step(ckpt_dir / "last.pt")
     os.kill(proc.pid, signal.SIGCONT)
-    print('T', round(time.monotonic()-T0,1), 'os.kill(proc.pid, signal.SIGCO', flush=True)
     wait_for(lambda: "MLflow logging failed" in log.read_text(), "a logging failure", proc)
-    print('T', round(time.monotonic()-T0,1), 'wait_for(lambda: "MLflow loggi', flush=True)
-    wait_for(lambda: checkpoint_step(ckpt_dir / "last.pt") >= down_at + 10,
+    wait_for(lambda: checkpoint_step(ckpt_dir / "last.pt") >= down_at + 20,
              "training progress while the server is away", proc)
     os.kill(proc.pid, signal.SIGSTOP)
-    print('T', round(time.monotonic()-T0,1), 'os.kill(proc.pid, signal.SIGST', flush=True)
     progressed_to = checkpoint_step(ckpt_dir / "last.pt")
     assert progressed_to < max_steps, "training ended before the server came back"
     port = str(urlsplit(uri).port)
     again = server_script("start", "--dir", str(server_dir), "--port", port)
-    print('T', round(time.monotonic()-T0,1), 'again = server_script("start",', flush=True)
     assert again.returncode == 0, again.stderr
     os.kill(proc.pid, signal.SIGCONT)
-    print('T', round(time.monotonic()-T0,1), 'os.kill(proc.pid, signal.SIGCO', flush=True)
 
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
@@ -388,7 +378,7 @@ def _train_through_outage(server_script, server_dir, uri, tmp_path, stop_process
     assert out.strip() == run_id
     run = client(uri).get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert steps(run_id, "loss", uri) == list(range(1, max_steps + 1))
+    assert steps(run_id, "loss", uri) == list(range(5, max_steps + 1, 5))
     assert "tracking server reachable again" in log.read_text()
     on_server = [p for p in (server_dir / "artifacts").rglob("last.pt") if run_id in p.parts]
     assert len(on_server) == 1
