@@ -84,7 +84,7 @@ def main() -> int:
     else:
         targets = [str(ROOT) if args.no_editable else f"-e{ROOT}"]
     target = " ".join(targets)
-    cmd = [args.python, "-m", "pip", "install", "--disable-pip-version-check",
+    cmd = [args.python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
            "-c", fh.name, *targets, *extra]
     print(f"install-from-lock: {len(pins)} locked pins; installing {target} {' '.join(extra)}",
           file=sys.stderr)

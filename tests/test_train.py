@@ -359,7 +359,7 @@ def _train_through_outage(server_script, server_dir, uri, tmp_path, stop_process
     down_at = checkpoint_step(ckpt_dir / "last.pt")
     os.kill(proc.pid, signal.SIGCONT)
     wait_for(lambda: "MLflow logging failed" in log.read_text(), "a logging failure", proc)
-    wait_for(lambda: checkpoint_step(ckpt_dir / "last.pt") >= down_at + 20,
+    wait_for(lambda: checkpoint_step(ckpt_dir / "last.pt") >= down_at + 10,
              "training progress while the server is away", proc)
     os.kill(proc.pid, signal.SIGSTOP)
     progressed_to = checkpoint_step(ckpt_dir / "last.pt")

@@ -229,15 +229,16 @@ def validate(spec: JobSpec, opts: K8sOptions) -> None:
         raise ConfigError(f"--image {image!r} is not a container image reference")
     if spec.sweep and spec.run_id:
         raise ConfigError("--run-id continues one run; it cannot be combined with --sweep")
-    if spec.tracking_uri:
-        if not spec.tracking_uri.startswith(TRACKING_SCHEMES):
-            raise ConfigError(f"tracking URI {spec.tracking_uri!r} is not a server the pods can "
-                              "reach (use http://, https:// or databricks)")
-        if re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", spec.tracking_uri):
-            raise ConfigError("the tracking URI holds a password: put the credentials in a "
-                              "Secret (--secret-env MLFLOW_TRACKING_PASSWORD=SECRET:KEY)")
-    cpus = Decimal(spec.cpus)
-    if opts.cpu_limit and parse_quantity(opts.cpu_limit, "--cpu-limit") < cpus:
+    if "checkpoint_dir" in spec.params and count > 1:
+        raise ConfigError("-P checkpoint_dir with --sweep would make the runs share checkpoints; "
+                          "leave it out (each run gets VOLUME/checkpoints/RUN_ID)")
+    _check_resources(spec, opts)
+    _check_environment(spec, opts)
+    _check_job_settings(spec, opts)
+
+
+def _check_resources(spec: JobSpec, opts: K8sOptions) -> None:
+    if opts.cpu_limit and parse_quantity(opts.cpu_limit, "--cpu-limit") < Decimal(spec.cpus):
         raise ConfigError(f"--cpu-limit {opts.cpu_limit} is below the request --cpus {spec.cpus}")
     if spec.memory:
         memory = _check_memory(spec.memory, "--memory")
@@ -254,9 +255,22 @@ def validate(spec: JobSpec, opts: K8sOptions) -> None:
     for key, value in opts.node_selector.items():
         _check_label_key(key, "--node-selector")
         _check_label_value(value, f"--node-selector {key}:")
-    for key, value in opts.labels.items():
-        _check_label_key(key, "--label")
-        _check_label_value(value, f"--label {key}:")
+    if opts.volume_claim:
+        check_name(opts.volume_claim, "--volume-claim", subdomain=True)
+    if not opts.mount_path.startswith("/") or opts.mount_path.rstrip("/") in ("", "/dev/shm"):
+        raise ConfigError(f"--mount-path {opts.mount_path!r} must be an absolute path "
+                          "(not / or /dev/shm)")
+
+
+def _check_environment(spec: JobSpec, opts: K8sOptions) -> None:
+    """Variables, the tracking URI and credentials: a credential only ever as a secretKeyRef."""
+    if spec.tracking_uri:
+        if not spec.tracking_uri.startswith(TRACKING_SCHEMES):
+            raise ConfigError(f"tracking URI {spec.tracking_uri!r} is not a server the pods can "
+                              "reach (use http://, https:// or databricks)")
+        if re.match(r"^[a-z+]+://[^/@]*:[^/@]*@", spec.tracking_uri):
+            raise ConfigError("the tracking URI holds a password: put the credentials in a "
+                              "Secret (--secret-env MLFLOW_TRACKING_PASSWORD=SECRET:KEY)")
     for name in spec.env:
         if not _ENV_NAME.match(name):
             raise ConfigError(f"--env {name!r} is not a valid environment variable name")
@@ -270,14 +284,9 @@ def validate(spec: JobSpec, opts: K8sOptions) -> None:
     both = set(spec.env) & set(opts.secret_env)
     if both:
         raise ConfigError(f"{', '.join(sorted(both))} given both with --env and --secret-env")
-    if opts.volume_claim:
-        check_name(opts.volume_claim, "--volume-claim", subdomain=True)
-    if not opts.mount_path.startswith("/") or opts.mount_path.rstrip("/") in ("", "/dev/shm"):
-        raise ConfigError(f"--mount-path {opts.mount_path!r} must be an absolute path "
-                          "(not / or /dev/shm)")
-    if "checkpoint_dir" in spec.params and count > 1:
-        raise ConfigError("-P checkpoint_dir with --sweep would make the runs share checkpoints; "
-                          "leave it out (each run gets VOLUME/checkpoints/RUN_ID)")
+
+
+def _check_job_settings(spec: JobSpec, opts: K8sOptions) -> None:
     if spec.time:
         parse_duration(spec.time, "--time")
     parse_duration(opts.ttl, "--ttl")
@@ -294,6 +303,9 @@ def validate(spec: JobSpec, opts: K8sOptions) -> None:
                        ("--service-account", opts.service_account)):
         if name:
             check_name(name, what, subdomain=True)
+    for key, value in opts.labels.items():
+        _check_label_key(key, "--label")
+        _check_label_value(value, f"--label {key}:")
 
 
 # -- rendering (pure) ---------------------------------------------------------------------------
