@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,26 @@ RUN_TIMEOUT_S = 180
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def blank_store(tmp_path_factory) -> Path:
+    """An sqlite tracking store with MLflow's tables made: migrating a new one takes seconds."""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("blank-store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # the store makes its ./mlruns here
+        MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def migrated_store(isolated_env, blank_store):
+    """Each test's own sqlite store (see conftest) starts as a copy of the blank one."""
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    if uri.startswith("sqlite:///"):
+        shutil.copyfile(blank_store, uri.removeprefix("sqlite:///"))
 
 
 def client(uri: str | None = None):
@@ -210,9 +231,10 @@ def test_mlflow_run_train_then_evaluate_logs_everything_to_the_server(mlflow_ser
 @pytest.mark.slow
 @pytest.mark.server
 def test_resume_after_sigkill_continues_the_same_run_without_gaps_or_repeats(
-        mlflow_server, tmp_path, stop_process):
+        mlflow_server, tmp_path, stop_process, monkeypatch):
     """The hard case: the tracking server hangs, so metrics and uploads are still queued in
     the process when it is killed; the local checkpoint is ahead of what MLflow has."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-train-sigkill")
     ckpt_dir = tmp_path / "ckpt"
     max_steps = 30
     proc = start_taskcodec("train", *TINY, "--epochs", "1", "--epoch-length", "1000",
@@ -252,16 +274,15 @@ def test_resume_after_sigkill_continues_the_same_run_without_gaps_or_repeats(
     for key in ("loss", "bpp_loss", "mse_loss", "aux_loss", "lr"):
         assert steps(run_id, key) == list(range(1, max_steps + 1)), key
     assert load_checkpoint(ckpt_dir / "last.pt")["step"] == max_steps
-    (run,) = client().search_runs([client().get_run(run_id).info.experiment_id],
-                                  filter_string=f"tags.mlflow.runName = '{client().get_run(run_id).info.run_name}'")
-    assert run.info.run_id == run_id  # no second run was made
+    experiment = client().get_experiment_by_name("test-train-sigkill").experiment_id
+    assert [r.info.run_id for r in client().search_runs([experiment])] == [run_id]  # no 2nd run
     assert not (elsewhere / "checkpoints").exists()
 
 
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_exits_75_and_the_run_resumes(tmp_path, stop_process):
     ckpt_dir = tmp_path / "ckpt"
-    max_steps = 60
+    max_steps = 30
     proc = start_taskcodec("train", *TINY, "--epochs", "1", "--epoch-length", "1000",
                            "--max-steps", str(max_steps), "--log-every", "1",
                            "--checkpoint-every", "4", "--checkpoint-dir", str(ckpt_dir),

@@ -479,6 +479,7 @@ def plot_rd(curves: Sequence[Curve], metric: str, stem: Path) -> list[Path]:
             for p, x, y in zip(pts, xs, ys, strict=True):
                 ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(4, -10),
                             fontsize=7, alpha=0.7)
+    ax.margins(x=0.08)  # room for the λ labels right of the last point
     ax.set_xlabel("Rate (bpp, bits per pixel)")
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{_LABELS.get(metric.lower(), metric)} vs rate")

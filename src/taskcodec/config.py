@@ -207,6 +207,13 @@ class TrainConfig(LoopConfig):
                         min=64, max=8192)
     skip_bad: bool = opt(False, "skip unreadable or too-small images with a warning")
 
+    def check(self) -> None:
+        super().check()
+        # The hyperprior downsamples the latent 4 more times: other crops fail mid-training.
+        if self.codec != "bmshj2018-factorized" and self.patch_size % 64:
+            raise ConfigError(f"patch_size={self.patch_size} must be a multiple of 64 for "
+                              f"codec={self.codec} (its hyperprior downsamples by 64)")
+
 
 TASK_MONITORS = ("auto", "val_loss", "val_bpp", "val_task_loss", "val_map", "val_map50", "val_miou",
                  "val_pixel_accuracy", "val_abs_rel", "val_rmse", "val_delta1", "val_accuracy",

@@ -1,0 +1,157 @@
+"""``make bench``: run every benchmark, print the tables, write benchmarks/results/*.json and
+BENCHMARKS.md.
+
+Sizes are small on purpose (the whole run must fit in 20 minutes on 2 shared cores); the
+settings of each benchmark are in its JSON file. ``--only NAME`` runs a subset (then
+BENCHMARKS.md is rebuilt from all JSON files present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import harness
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ORDER = ("train_throughput", "train_variants", "same_math", "eval_vs_compressai",
+         "rate_actual_vs_estimated", "launch_latency", "scaling")
+NAMES = ("train", "variants", "coding", "launch", "scaling")
+HEADER = """# Benchmarks
+
+`make bench` measures taskcodec side by side with plain CompressAI code and against its own
+targets, in one process run on one machine; the figures below are rewritten by each run
+(raw numbers in `benchmarks/results/*.json`). Each comparison alternates its sides (A B, B A,
+...) over several repetitions and reports the median ratio with its min-max spread.
+
+Sizes are deliberately small so the whole run fits in 20 minutes on the 2 shared cores of the
+development machine (small N/M, 128 px crops, tens of steps, 3 repetitions, a briefly trained
+checkpoint): the ratios are meaningful, the absolute images/s are those of a toy model on a
+busy CPU.
+"""
+
+
+def make_checkpoint(ctx: dict, steps: int, codec: str = "bmshj2018-factorized") -> Path:
+    """Train a small codec briefly with taskcodec (its own checkpoint format)."""
+    from benchmarks.training import run_taskcodec, train_config
+
+    folder = Path(ctx["work"]) / "eval-ckpt"
+    cfg = train_config(codec, N=64, M=96, batch_size=8, steps=steps, seed=0,
+                       checkpoint_dir=folder)
+    cfg.lr = 1e-3
+    run_taskcodec(cfg, f"sqlite:///{Path(ctx['work']) / 'mlflow.db'}")
+    ctx["ckpt_note"] = (f"{codec} N=64 M=96 trained {steps} steps (batch 8, 128 px crops, "
+                        "lr 1e-3) by taskcodec: far from converged, so its entropy models are "
+                        "not the tight ones of a trained codec")
+    return folder / "best.pt"
+
+
+def profile_overhead(ctx: dict, N: int, M: int) -> list[str]:
+    """Where the taskcodec step spends time that the plain loop does not (cProfile)."""
+    from benchmarks.plain_loop import train_plain
+    from benchmarks.training import datasets, run_taskcodec, train_config
+
+    work = Path(ctx["work"])
+    steps = 25
+    profiles = {}
+    for name in ("plain", "taskcodec"):
+        prof = cProfile.Profile()
+        if name == "plain":
+            train_set, _ = datasets(0, 8, steps)
+            prof.runcall(train_plain, "bmshj2018-factorized", N, M, train_set, batch_size=8,
+                         steps=steps, seed=0)
+        else:
+            cfg = train_config("bmshj2018-factorized", N=N, M=M, batch_size=8, steps=steps,
+                               seed=0, checkpoint_dir=Path(tempfile.mkdtemp(dir=work)))
+            prof.runcall(run_taskcodec, cfg, f"sqlite:///{work / 'mlflow.db'}")
+        profiles[name] = pstats.Stats(prof)
+    lines = []
+    for name, stats in profiles.items():
+        total = stats.total_tt
+        rows = sorted(((v[3], f"{k[0].split('site-packages/')[-1]}:{k[2]}")
+                       for k, v in stats.stats.items()
+                       if "taskcodec" in k[0] or "mlflow" in k[0] or "tqdm" in k[0]
+                       or "_train_epoch" in k[2]), reverse=True)[:6]
+        lines.append(f"cProfile {name} (25 steps, {total:.1f} s total): top taskcodec/mlflow "
+                     "functions by cumulative s: "
+                     + ", ".join(f"{fn} {cum:.2f}" for cum, fn in rows))
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", choices=NAMES,
+                        help="run only this benchmark group (repeatable)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per comparison")
+    parser.add_argument("--kodak-images", type=int, default=0,
+                        help="use only the first N Kodak images (0: all 24)")
+    args = parser.parse_args(argv)
+    chosen = set(args.only or NAMES)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", "taskcodec-bench")
+    import logging
+    logging.disable(logging.WARNING)
+
+    from benchmarks import coding, launch, training
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="taskcodec-bench-") as work:
+        cwd = os.getcwd()
+        os.chdir(work)
+        ctx = {"work": work, "machine": harness.machine(),
+               "command": "make bench" + (f"  (python -m benchmarks.run {' '.join(argv or sys.argv[1:])})"
+                                          if (argv or sys.argv[1:]) else "")}
+        produced = []
+        try:
+            if "train" in chosen:
+                thr, same = training.bench_throughput(
+                    ctx, codecs=("bmshj2018-factorized", "bmshj2018-hyperprior"), N=64, M=96,
+                    batch_size=8, warmup=3, measured=20, reps=args.reps)
+                missed = [r for r in thr["rows"] if r["target >= 1.0 (0.98)"] == "MISSED"]
+                if missed:
+                    thr["notes"] += profile_overhead(ctx, 64, 96)
+                produced += [thr, same]
+            if "variants" in chosen:
+                produced.append(training.bench_variants(ctx, N=64, M=96, batch_size=8, warmup=3,
+                                                        measured=15, reps=args.reps))
+            if "coding" in chosen:
+                if not coding.KODAK.is_dir() or not coding.kodak_images(coding.KODAK, 0):
+                    print(f"Kodak not found at {coding.KODAK}: benchmarks 2 and 3 skipped")
+                else:
+                    ckpt = make_checkpoint(ctx, steps=150)
+                    produced += list(coding.bench_coding(ctx, ckpt, limit=args.kodak_images))
+            if "launch" in chosen:
+                produced.append(launch.bench_launch(ctx, runs=5))
+            if "scaling" in chosen:
+                produced.append(training.bench_scaling(
+                    ctx, N=64, M=96, batches=(8, 16, 32), warmup=2, measured=8,
+                    reps=max(1, args.reps - 1), ddp_batch=16, ddp_steps=(4, 14)))
+        finally:
+            os.chdir(cwd)
+    elapsed = time.perf_counter() - started
+    for obj in produced:
+        obj["settings"]["benchmark_wall_s_total_run"] = round(elapsed, 1)
+        harness.write_result(obj, RESULTS)
+        print(f"\n## {obj['title']}\n")
+        print(harness.table(obj["rows"]))
+        for note in obj["notes"]:
+            print(f"- {note}")
+    every = [json.loads((RESULTS / f"{name}.json").read_text()) for name in ORDER
+             if (RESULTS / f"{name}.json").is_file()]
+    if every:
+        (ROOT / "BENCHMARKS.md").write_text(
+            harness.markdown(every, HEADER + f"\nLast full run took {elapsed / 60:.1f} min.\n"))
+    print(f"\nwrote {RESULTS}/*.json and BENCHMARKS.md in {elapsed / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""Benchmarks 1, 4 and 6: training throughput, same math, scaling.
+
+The taskcodec side is the real engine (``Trainer(config).run()``: MLflow run, background
+logging, validation, checkpoints); a recipe subclass only notes the time each step starts, so
+images/s counts whole steps (data, forward, backward, both optimizers, logging) after warm-up,
+exactly as the plain loop is timed. Validation and checkpoints come after the last timed step
+(one epoch longer than the step budget), and are reported apart as whole-call wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import harness
+from benchmarks.plain_loop import images_per_second, train_plain, validate_plain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _timed_recipe(config):
+    from taskcodec.recipes import CodecRecipe
+
+    class TimedRecipe(CodecRecipe):
+        """CodecRecipe that notes when each training step starts (nothing else changes)."""
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.step_times: list[float] = []
+
+        def losses(self, model, batch, device):
+            self.step_times.append(time.perf_counter())
+            return super().losses(model, batch, device)
+
+    return TimedRecipe(config)
+
+
+def train_config(codec: str, *, N: int, M: int, batch_size: int, steps: int, seed: int,
+                 checkpoint_dir: Path, patch_size: int = 128):
+    from taskcodec.config import TrainConfig
+
+    return TrainConfig(codec=codec, N=N, M=M, data="embedded", patch_size=patch_size,
+                       batch_size=batch_size, epochs=1, epoch_length=batch_size * (steps + 8),
+                       max_steps=steps, lr_scheduler="none", seed=seed, device="cpu",
+                       checkpoint_dir=str(checkpoint_dir))
+
+
+def run_taskcodec(config, uri: str) -> dict:
+    """One in-process taskcodec training run logging to ``uri``."""
+    from taskcodec.engine import Trainer
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    recipe = _timed_recipe(config)
+    start = time.perf_counter()
+    trainer = Trainer(config, recipe=recipe)
+    trainer.run()
+    wall = time.perf_counter() - start
+    return {"step_times": recipe.step_times, "wall": wall,
+            "val_loss": trainer.state.history[-1]["val_loss"]}
+
+
+def datasets(seed: int, batch_size: int, steps: int, patch_size: int = 128):
+    from taskcodec.data import build_dataset
+
+    train = build_dataset("embedded", "train", patch_size=patch_size, seed=seed,
+                          epoch_length=batch_size * (steps + 8))
+    val = build_dataset("embedded", "val", seed=seed)
+    return train, [val[i] for i in range(len(val))]
+
+
+def start_server(folder: Path) -> str:
+    out = subprocess.run([str(ROOT / "scripts" / "mlflow-server"), "start", "--dir", str(folder)],
+                         check=True, capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def stop_server(folder: Path) -> None:
+    subprocess.run([str(ROOT / "scripts" / "mlflow-server"), "stop", "--dir", str(folder)],
+                   check=False, capture_output=True)
+
+
+def bench_throughput(ctx: dict, *, codecs, N: int, M: int, batch_size: int, warmup: int,
+                     measured: int, reps: int, seed: int = 0) -> tuple[dict, dict]:
+    """Benchmark 1 (plain vs taskcodec to sqlite and to a server) and 4 (same val loss)."""
+    work = Path(ctx["work"])
+    steps = warmup + measured + 1
+    rows, same_math, summary = [], [], {}
+    server_dir = work / "server"
+    server_dir.mkdir(parents=True, exist_ok=True)
+    server_uri = start_server(server_dir)
+    try:
+        for codec in codecs:
+            train_set, val_images = datasets(seed, batch_size, steps)
+            walls = {"plain": [], "taskcodec-sqlite": [], "taskcodec-server": []}
+            vals = {"plain": [], "taskcodec-sqlite": []}
+
+            def plain():
+                start = time.perf_counter()
+                res = train_plain(codec, N, M, train_set, batch_size=batch_size, steps=steps,
+                                  seed=seed)
+                vals["plain"].append(validate_plain(res.model, val_images))
+                walls["plain"].append(time.perf_counter() - start)
+                return images_per_second(res.step_times, warmup, measured, batch_size)
+
+            def taskcodec(uri: str, name: str):
+                def side():
+                    cfg = train_config(codec, N=N, M=M, batch_size=batch_size, steps=steps,
+                                       seed=seed, checkpoint_dir=Path(tempfile.mkdtemp(dir=work)))
+                    res = run_taskcodec(cfg, uri)
+                    walls[name].append(res["wall"])
+                    if name in vals:
+                        vals[name].append(res["val_loss"])
+                    return images_per_second(res["step_times"], warmup, measured, batch_size)
+                return side
+
+            sqlite_uri = f"sqlite:///{work / 'mlflow.db'}"
+            ips = harness.run_alternating({
+                "plain": plain,
+                "taskcodec-sqlite": taskcodec(sqlite_uri, "taskcodec-sqlite"),
+                "taskcodec-server": taskcodec(server_uri, "taskcodec-server"),
+            }, reps)
+            for name in ("taskcodec-sqlite", "taskcodec-server"):
+                r = harness.median_spread(harness.ratios(ips["plain"], ips[name]))
+                rows.append({"codec": codec, "side": name,
+                             "plain img/s": harness.median_spread(ips["plain"])["median"],
+                             "taskcodec img/s": harness.median_spread(ips[name])["median"],
+                             "ratio median": r["median"], "ratio min": r["min"],
+                             "ratio max": r["max"],
+                             "wall s (plain / taskcodec)":
+                                 f"{statistics_median(walls['plain']):.1f} / "
+                                 f"{statistics_median(walls[name]):.1f}",
+                             "target >= 1.0 (0.98)": "met" if r["median"] >= 0.98 else "MISSED"})
+                summary[f"{codec} {name} ratio"] = r
+            p, t = vals["plain"][0], vals["taskcodec-sqlite"][0]
+            same_math.append({"codec": codec, "steps": steps, "plain val_loss": p,
+                              "taskcodec val_loss": t, "relative difference": abs(t - p) / abs(p),
+                              "repeatable across reps": len(set(vals["plain"] + vals[
+                                  "taskcodec-sqlite"])) == 1})
+    finally:
+        stop_server(server_dir)
+    settings = {"N": N, "M": M, "batch_size": batch_size, "patch_size": 128,
+                "warmup_steps": warmup, "measured_steps": measured, "repetitions": reps,
+                "seed": seed, "data": "embedded (scikit-image), random 128px crops",
+                "lr": 1e-4, "aux_lr": 1e-3, "lmbda": 0.013, "clip_max_norm": 1.0}
+    throughput = harness.result(
+        "train_throughput", "1. Training throughput: plain CompressAI loop vs taskcodec",
+        command=ctx["command"], machine_info=ctx["machine"], settings=settings, rows=rows,
+        summary=summary, notes=[
+            "images/s over the measured steps only (after warm-up), each step from its start "
+            "to the next step's start: data, forward, backward, clip, both optimizers and, for "
+            "taskcodec, its loss logging every 10 steps (log_every=10, background thread).",
+            "taskcodec's whole call also creates the MLflow run, logs params/tags, validates "
+            "once on the 2 embedded val images and writes + uploads last/best checkpoints; "
+            "that is in the wall column (plain wall includes its validation), not in img/s.",
+            "ratio = taskcodec img/s / plain img/s per repetition (sides alternate ABC CBA); "
+            "target >= 1.0x with < 2 % logging overhead, judged as median ratio >= 0.98.",
+            f"small on purpose: 2 shared cores, N={N}/M={M}, {measured} measured steps, "
+            f"{reps} repetitions; the spread shows the noise of the shared CPU."])
+    math_result = harness.result(
+        "same_math", "4. Same math: validation loss after the same steps, same seed",
+        command=ctx["command"], machine_info=ctx["machine"],
+        settings={**settings, "validation": "2 embedded val images, whole, zero-padded to 64"},
+        rows=same_math,
+        summary={r["codec"]: r["relative difference"] for r in same_math},
+        notes=["plain = the hand loop + its own validation; taskcodec = Trainer's val_loss "
+               "of the run measured in benchmark 1 (to sqlite)."])
+    return throughput, math_result
+
+
+def statistics_median(values):
+    return harness.median_spread(values)["median"] if values else float("nan")
+
+
+def bench_variants(ctx: dict, *, N: int, M: int, batch_size: int, warmup: int, measured: int,
+                   reps: int, seed: int = 0) -> dict:
+    """Benchmark 1b: do channels_last or the thread count speed up the plain step here?"""
+    steps = warmup + measured + 1
+    train_set, _ = datasets(seed, batch_size, steps)
+    default_threads = torch.get_num_threads()
+
+    def plain(channels_last=False, threads=default_threads):
+        def side():
+            torch.set_num_threads(threads)
+            try:
+                res = train_plain("bmshj2018-factorized", N, M, train_set, batch_size=batch_size,
+                                  steps=steps, seed=seed, channels_last=channels_last)
+            finally:
+                torch.set_num_threads(default_threads)
+            return images_per_second(res.step_times, warmup, measured, batch_size)
+        return side
+
+    sides = {"default": plain(), "channels_last": plain(channels_last=True),
+             "1 thread": plain(threads=1)}
+    ips = harness.run_alternating(sides, reps)
+    rows = []
+    for name in sides:
+        r = harness.median_spread(harness.ratios(ips["default"], ips[name]))
+        rows.append({"variant": name, "img/s median": harness.median_spread(ips[name])["median"],
+                     "vs default median": r["median"], "min": r["min"], "max": r["max"]})
+    return harness.result(
+        "train_variants", "1b. Step speed-ups tried on the plain loop (factorized)",
+        command=ctx["command"], machine_info=ctx["machine"],
+        settings={"N": N, "M": M, "batch_size": batch_size, "measured_steps": measured,
+                  "repetitions": reps, "default_threads": default_threads},
+        rows=rows, summary={r["variant"]: r["vs default median"] for r in rows},
+        notes=["torch.compile was not tried: compiling this model takes minutes on 2 shared "
+               "cores, longer than the whole benchmark budget.",
+               "data loading is not the bottleneck here (crops of in-memory images, "
+               "num_workers=0); worker processes would compete for the same 2 cores."])
+
+
+def bench_scaling(ctx: dict, *, N: int, M: int, batches, warmup: int, measured: int,
+                  reps: int, ddp_batch: int, ddp_steps: tuple[int, int], seed: int = 0) -> dict:
+    """Benchmark 6: img/s vs batch size (in process), and 1 vs 2 DDP processes (torchrun)."""
+    work = Path(ctx["work"])
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    steps = warmup + measured + 1
+
+    def at(batch):
+        def side():
+            cfg = train_config("bmshj2018-factorized", N=N, M=M, batch_size=batch, steps=steps,
+                               seed=seed, checkpoint_dir=Path(tempfile.mkdtemp(dir=work)))
+            res = run_taskcodec(cfg, uri)
+            return images_per_second(res["step_times"], warmup, measured, batch)
+        return side
+
+    ips = harness.run_alternating({f"batch {b}": at(b) for b in batches}, reps)
+    rows = [{"setting": name, "processes": 1, "img/s median": harness.median_spread(v)["median"],
+             "min": min(v), "max": max(v)} for name, v in ips.items()]
+    ddp = ddp_scaling(ctx, N=N, M=M, total_batch=ddp_batch, steps=ddp_steps, reps=reps,
+                      seed=seed)
+    rows += ddp["rows"]
+    return harness.result(
+        "scaling", "6. Scaling: batch size, and 1 vs 2 DDP CPU processes",
+        command=ctx["command"], machine_info=ctx["machine"],
+        settings={"N": N, "M": M, "batches": list(batches), "measured_steps": measured,
+                  "repetitions": reps, "ddp_total_batch": ddp_batch, "ddp_steps": ddp_steps},
+        rows=rows, summary=ddp["summary"], notes=[
+            "batch rows: taskcodec in-process (factorized), img/s over measured steps.",
+            "DDP rows: whole `taskcodec train` processes (torchrun --standalone, gloo) with "
+            f"max_steps {ddp_steps[0]} and {ddp_steps[1]}; img/s = extra images / extra wall "
+            "time, which cancels start-up, MLflow run creation, validation and checkpoints. "
+            "Same total batch: 1 process x B vs 2 processes x B/2.",
+            "2 DDP processes on 2 shared cores: each process gets 1 thread (torchrun sets "
+            "OMP_NUM_THREADS=1), so this measures gloo's overhead more than any speed-up."])
+
+
+def _train_cmd(nproc: int, batch: int, steps: int, work: Path, N: int, M: int, seed: int):
+    args = ["train", "--codec", "bmshj2018-factorized", "--N", str(N), "--M", str(M),
+            "--patch-size", "128", "--batch-size", str(batch), "--epochs", "1",
+            "--epoch-length", str(batch * nproc * (steps + 8)), "--max-steps", str(steps),
+            "--lr-scheduler", "none", "--seed", str(seed), "--device", "cpu",
+            "--checkpoint-dir", tempfile.mkdtemp(dir=work)]
+    if nproc == 1:
+        return [sys.executable, "-m", "taskcodec.cli.main", *args]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun), "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "taskcodec.cli.main", *args]
+
+
+def ddp_scaling(ctx: dict, *, N: int, M: int, total_batch: int, steps: tuple[int, int],
+                reps: int, seed: int) -> dict:
+    work = Path(ctx["work"])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow-ddp.db'}",
+           "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT / "src")}
+
+    def wall(nproc: int, n_steps: int) -> float:
+        cmd = _train_cmd(nproc, total_batch // nproc, n_steps, work, N, M, seed)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=work)
+        return time.perf_counter() - start
+
+    def rate(nproc: int):
+        def side():
+            short, long = wall(nproc, steps[0]), wall(nproc, steps[1])
+            return (steps[1] - steps[0]) * total_batch / (long - short)
+        return side
+
+    ips = harness.run_alternating({"1 process": rate(1), "2 processes (DDP)": rate(2)}, reps)
+    r = harness.median_spread(harness.ratios(ips["1 process"], ips["2 processes (DDP)"]))
+    rows = [{"setting": f"{name}, total batch {total_batch}", "processes": 1 if "1" in name else 2,
+             "img/s median": harness.median_spread(v)["median"], "min": min(v), "max": max(v)}
+            for name, v in ips.items()]
+    return {"rows": rows, "summary": {"DDP 2 vs 1 process": r}}

@@ -1,0 +1,223 @@
+"""``taskcodec compress`` and ``taskcodec decompress``: a real round trip through files, and
+every kind of bad file ending in one ``Error:`` line, exit status 2 and no output file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from taskcodec.cli.main import cli
+
+TASKCODEC = str(Path(sys.executable).parent / "taskcodec")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """``best.pt`` of two tiny training runs that differ only in their seed."""
+    import mlflow
+
+    from taskcodec.config import TrainConfig
+    from taskcodec.engine import train
+
+    folder = tmp_path_factory.mktemp("cli-codec-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "test-cli-codec")
+        mp.setenv("TQDM_DISABLE", "1")
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(folder)  # the sqlite store keeps artifacts in ./mlruns
+        for name, seed in (("a", 0), ("b", 1)):
+            train(TrainConfig.from_dict({
+                "N": 8, "M": 8, "patch_size": 32, "batch_size": 2, "epochs": 1,
+                "epoch_length": 4, "max_val_images": 1, "max_side": 128, "seed": seed,
+                "checkpoint_dir": str(folder / name)}))
+        mlflow.set_tracking_uri(None)
+        mlflow.tracking.fluent._active_experiment_id = None
+    return {name: folder / name / "best.pt" for name in ("a", "b")}
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory) -> Path:
+    """An embedded photograph, 128x85 (odd height), as a PNG."""
+    from taskcodec.data.embedded import load_embedded
+
+    image, _ = load_embedded("chelsea", 128)
+    path = tmp_path_factory.mktemp("photo") / "chelsea.png"
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoded(checkpoints, photo, tmp_path_factory) -> bytes:
+    """``photo`` compressed with checkpoint a (through the CLI)."""
+    out = tmp_path_factory.mktemp("encoded") / "chelsea.tcd"
+    result = CliRunner().invoke(cli, ["compress", str(photo), "-o", str(out),
+                                      "-c", str(checkpoints["a"])])
+    assert result.exit_code == 0, result.output
+    return out.read_bytes()
+
+
+def read_png(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        assert img.mode == "RGB"
+        return torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([TASKCODEC, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL, check=False)
+
+
+# --- the round trip --------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # two processes that import torch
+def test_compress_then_decompress_round_trips_with_evaluates_quality(checkpoints, photo,
+                                                                     tmp_path):
+    from taskcodec.codecs.loading import load_codec
+    from taskcodec.evaluate import evaluate_image
+    from taskcodec.metrics import psnr
+
+    ckpt = str(checkpoints["a"])
+    compressed = run("compress", str(photo), "-o", "chelsea.tcd", "-c", ckpt, cwd=tmp_path)
+    assert compressed.returncode == 0, compressed.stderr
+    data = (tmp_path / "chelsea.tcd").read_bytes()
+    assert data[:4] == b"TCDC"
+    assert f"chelsea.tcd: {len(data)} bytes, {8 * len(data) / (128 * 85):.4f} bpp (128x85, " \
+        "bmshj2018-factorized " in compressed.stderr
+
+    decompressed = run("decompress", "chelsea.tcd", "-o", "back.png", "-c", ckpt, cwd=tmp_path)
+    assert decompressed.returncode == 0, decompressed.stderr
+    assert "back.png: 128x85" in decompressed.stderr
+    back = read_png(tmp_path / "back.png")
+    original = read_png(photo)
+    assert back.shape == original.shape == (3, 85, 128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back.png", "chelsea.tcd"]
+
+    # The same numbers as `taskcodec evaluate` measures on that image.
+    x = original.float() / 255
+    result, x_hat = evaluate_image(load_codec(ckpt), x)
+    assert result.num_bytes == len(data)
+    assert torch.equal(x_hat.mul(255).round().byte(), back)
+    assert psnr(x[None], back[None].float() / 255) == pytest.approx(result.psnr, abs=0.05)
+
+
+def test_grayscale_and_rgba_images_are_coded_as_rgb(checkpoints, tmp_path):
+    runner = CliRunner()
+    ckpt = str(checkpoints["a"])
+    for mode in ("L", "RGBA"):
+        source = tmp_path / f"{mode}.png"
+        Image.new(mode, (70, 50), 128).save(source)
+        result = runner.invoke(cli, ["compress", str(source), "-o", str(tmp_path / f"{mode}.tcd"),
+                                     "-c", ckpt])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(cli, ["decompress", str(tmp_path / f"{mode}.tcd"),
+                                     "-o", str(tmp_path / f"{mode}-back.png"), "-c", ckpt])
+        assert result.exit_code == 0, result.output
+        assert read_png(tmp_path / f"{mode}-back.png").shape == (3, 50, 70)
+
+
+# --- bad files: one line, status 2, nothing written ------------------------------------------
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x40]) + data[index + 1:]
+
+
+BAD_FILES = {  # how to damage a good file -> what the error line must say
+    "truncated payload": (lambda d: d[:-7], "truncated bitstream"),
+    "truncated header": (lambda d: d[:12], "truncated bitstream"),
+    "empty": (lambda d: b"", "not a taskcodec bitstream: it is empty"),
+    "flipped payload byte": (lambda d: _flip(d, len(d) - 3), "CRC mismatch in layer 'main'"),
+    "flipped header byte": (lambda d: _flip(d, 8), "header CRC mismatch"),
+    "trailing bytes": (lambda d: d + b"\0", "trailing garbage"),
+    "random bytes": (lambda d: bytes(range(256)) * 3, "not a taskcodec bitstream"),
+    "png": (None, "not a taskcodec bitstream (magic b'\\x89PNG'"),
+}
+
+
+def _bad_file(kind: str, encoded: bytes, photo: Path, folder: Path) -> Path:
+    make, _ = BAD_FILES[kind]
+    path = folder / "bad.tcd"
+    path.write_bytes(photo.read_bytes() if make is None else make(encoded))
+    return path
+
+
+def assert_refused(result, bad: Path, output: Path) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert not output.exists()
+    assert sorted(p.name for p in output.parent.iterdir()) == [bad.name]  # no temp file left
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_decompress_refuses_a_damaged_or_foreign_file(kind, checkpoints, encoded, photo,
+                                                      tmp_path):
+    bad = _bad_file(kind, encoded, photo, tmp_path)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(cli, ["decompress", str(bad), "-o", str(out),
+                                      "-c", str(checkpoints["a"])])
+    line = assert_refused(result, bad, out)
+    assert line.startswith(f"Error: {bad}: ")  # names the file
+    assert BAD_FILES[kind][1] in line
+
+
+def test_decompress_refuses_a_file_made_with_another_checkpoint(checkpoints, encoded, tmp_path):
+    from taskcodec.codecs.loading import load_codec
+
+    bad = tmp_path / "a.tcd"
+    bad.write_bytes(encoded)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(cli, ["decompress", str(bad), "-o", str(out),
+                                      "-c", str(checkpoints["b"])])
+    line = assert_refused(result, bad, out)
+    assert load_codec(str(checkpoints["a"])).fingerprint in line
+    assert load_codec(str(checkpoints["b"])).fingerprint in line
+
+
+def test_decompress_of_a_truncated_file_is_one_line_from_the_real_command(checkpoints,
+                                                                          encoded, tmp_path):
+    bad = tmp_path / "cut.tcd"
+    bad.write_bytes(encoded[: len(encoded) // 2])
+    result = run("decompress", bad.name, "-o", "out.png", "-c", str(checkpoints["a"]),
+                 cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("Error: cut.tcd: ") and "truncated" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tcd"]
+
+
+def test_compress_refuses_a_missing_or_broken_checkpoint_without_writing(photo, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    out = tmp_path / "x.tcd"
+    for ckpt, expected in ((tmp_path / "missing.pt", "is neither an existing file nor an MLflow "
+                            "run id"),
+                           (broken, f"cannot load checkpoint {broken}")):
+        result = CliRunner().invoke(cli, ["compress", str(photo), "-o", str(out), "-c", str(ckpt)])
+        assert result.exit_code == 2
+        assert result.stderr.startswith("Error: ") and expected in result.stderr
+        assert result.stderr.count("\n") == 1
+        assert not out.exists()
+
+
+def test_compress_refuses_a_file_that_is_not_an_image(checkpoints, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("hello")
+    result = CliRunner().invoke(cli, ["compress", str(text), "-o", str(tmp_path / "x.tcd"),
+                                      "-c", str(checkpoints["a"])])
+    assert result.exit_code == 2
+    assert f"cannot read image {text}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x.tcd").exists()
