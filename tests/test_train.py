@@ -68,6 +68,20 @@ def values(run_id: str, key: str, uri: str | None = None) -> dict[int, float]:
     return {m.step: m.value for m in client(uri).get_metric_history(run_id, key)}
 
 
+def warm_up(uri: str, tmp_path: Path) -> None:
+    """Make a server answer its first run, metric and upload now: a fresh server answers
+    those slowly, and a training would then be over before a test can interrupt it."""
+    mlflow = client(uri)
+    experiment = mlflow.get_experiment_by_name("warm-up")
+    run = mlflow.create_run(experiment.experiment_id if experiment
+                            else mlflow.create_experiment("warm-up"))
+    mlflow.log_metric(run.info.run_id, "x", 1.0, step=1)
+    (tmp_path / "warm-up.txt").write_text("x")
+    mlflow.log_artifact(run.info.run_id, str(tmp_path / "warm-up.txt"))
+    (tmp_path / "warm-up.txt").unlink()
+    mlflow.set_terminated(run.info.run_id)
+
+
 def taskcodec(*args: str, cwd: Path, env: dict | None = None,
               timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run([TASKCODEC, *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -235,8 +249,9 @@ def test_resume_after_sigkill_continues_the_same_run_without_gaps_or_repeats(
     """The hard case: the tracking server hangs, so metrics and uploads are still queued in
     the process when it is killed; the local checkpoint is ahead of what MLflow has."""
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-train-sigkill")
+    warm_up(mlflow_server.uri, tmp_path)
     ckpt_dir = tmp_path / "ckpt"
-    max_steps = 30
+    max_steps = 40
     proc = start_taskcodec("train", *TINY, "--epochs", "1", "--epoch-length", "1000",
                            "--max-steps", str(max_steps), "--log-every", "1",
                            "--checkpoint-every", "2", "--checkpoint-dir", str(ckpt_dir),
@@ -360,6 +375,7 @@ def test_training_survives_a_tracking_server_that_goes_away_and_comes_back(
 
 def _train_through_outage(server_script, server_dir, uri, tmp_path, stop_process):
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    warm_up(uri, tmp_path)
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "train.log"
     max_steps = 100

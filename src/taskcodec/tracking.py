@@ -37,6 +37,8 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # prints only the run id (RUN=$(taskcodec train ...)); the URL is in the UI anyway.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# MLflow prints run links on stdout when a run ends; stdout carries run ids for scripts.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def tracking_uri() -> str:
