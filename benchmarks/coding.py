@@ -49,6 +49,27 @@ def _pad(x: torch.Tensor):
     return F.pad(x, (left, ew - left, top, eh - top)), (top, left)
 
 
+def _run_taskcodec(codec, x: torch.Tensor):
+    start = time.perf_counter()
+    data = codec.compress(x)
+    mid = time.perf_counter()
+    x_hat = codec.decompress(data)["x_hat"]
+    return data, x_hat, (mid - start, time.perf_counter() - mid)
+
+
+def _run_compressai(model, x: torch.Tensor):
+    h, w = x.shape[-2:]
+    padded, (top, left) = _pad(x)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.compress(padded)
+        mid = time.perf_counter()
+        x_hat = model.decompress(out["strings"], out["shape"])["x_hat"]
+    elapsed = (mid - start, time.perf_counter() - mid)
+    x_hat = x_hat[..., top:top + h, left:left + w].clamp(0, 1)
+    return sum(len(s[0]) for s in out["strings"]), x_hat, elapsed
+
+
 def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]:
     from taskcodec import bitstream
     from taskcodec.codecs.loading import load_codec
@@ -62,33 +83,13 @@ def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]
         x = load_image(path)
         h, w = x.shape[-2:]
         pixels = h * w
-        times = {}
-
-        def run_taskcodec():
-            start = time.perf_counter()
-            data = codec.compress(x)
-            mid = time.perf_counter()
-            x_hat = codec.decompress(data)["x_hat"]
-            times["tc"] = (mid - start, time.perf_counter() - mid)
-            return data, x_hat
-
-        def run_compressai():
-            padded, (top, left) = _pad(x)
-            start = time.perf_counter()
-            with torch.no_grad():
-                out = model.compress(padded)
-                mid = time.perf_counter()
-                x_hat = model.decompress(out["strings"], out["shape"])["x_hat"]
-            x_hat = x_hat[..., top:top + h, left:left + w].clamp(0, 1)
-            times["cai"] = (mid - start, time.perf_counter() - mid)
-            return sum(len(s[0]) for s in out["strings"]), x_hat
-
         if i % 2 == 0:  # alternate which side runs first
-            data, tc_hat = run_taskcodec()
-            cai_bytes, cai_hat = run_compressai()
+            data, tc_hat, tc_times = _run_taskcodec(codec, x)
+            cai_bytes, cai_hat, cai_times = _run_compressai(model, x)
         else:
-            cai_bytes, cai_hat = run_compressai()
-            data, tc_hat = run_taskcodec()
+            cai_bytes, cai_hat, cai_times = _run_compressai(model, x)
+            data, tc_hat, tc_times = _run_taskcodec(codec, x)
+        times = {"tc": tc_times, "cai": cai_times}
         header, layers = bitstream.unpack(data)
         payload = sum(layer.payload_size for layer in layers)
         with torch.no_grad():
@@ -110,7 +111,14 @@ def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]
                           "overhead vs estimate %": 100 * (len(data) * 8 / est_bits - 1),
                           "payload overhead %": 100 * (payload * 8 / est_bits - 1)})
     n = len(rows)
+    def med(key):
+        return harness.median_spread([r[key] for r in rows])["median"]
+
     summary = {"images": n,
+               "median encode s taskcodec / compressai":
+                   f"{med('taskcodec enc s'):.3f} / {med('compressai enc s'):.3f}",
+               "median decode s taskcodec / compressai":
+                   f"{med('taskcodec dec s'):.3f} / {med('compressai dec s'):.3f}",
                "encode speed compressai/taskcodec": harness.median_spread(enc_ratio),
                "decode speed compressai/taskcodec": harness.median_spread(dec_ratio),
                "payload bytes identical on all images": all(r["payload equal"] for r in rows),

@@ -33,9 +33,9 @@ targets, in one process run on one machine; the figures below are rewritten by e
 ...) over several repetitions and reports the median ratio with its min-max spread.
 
 Sizes are deliberately small so the whole run fits in 20 minutes on the 2 shared cores of the
-development machine (small N/M, 128 px crops, tens of steps, 3 repetitions, a briefly trained
-checkpoint): the ratios are meaningful, the absolute images/s are those of a toy model on a
-busy CPU.
+development machine (N=64/M=96, 64 px crops, embedded images downscaled to 256 px, about a
+dozen measured steps, 3 repetitions, half of Kodak, a briefly trained checkpoint): the ratios
+are meaningful, the absolute images/s are those of a toy model on a busy CPU.
 """
 
 
@@ -48,7 +48,7 @@ def make_checkpoint(ctx: dict, steps: int, codec: str = "bmshj2018-factorized") 
                        checkpoint_dir=folder)
     cfg.lr = 1e-3
     run_taskcodec(cfg, f"sqlite:///{Path(ctx['work']) / 'mlflow.db'}")
-    ctx["ckpt_note"] = (f"{codec} N=64 M=96 trained {steps} steps (batch 8, 128 px crops, "
+    ctx["ckpt_note"] = (f"{codec} N=64 M=96 trained {steps} steps (batch 8, 64 px crops, "
                         "lr 1e-3) by taskcodec: far from converged, so its entropy models are "
                         "not the tight ones of a trained codec")
     return folder / "best.pt"
@@ -60,7 +60,7 @@ def profile_overhead(ctx: dict, N: int, M: int) -> list[str]:
     from benchmarks.training import datasets, run_taskcodec, train_config
 
     work = Path(ctx["work"])
-    steps = 25
+    steps = 15
     profiles = {}
     for name in ("plain", "taskcodec"):
         prof = cProfile.Profile()
@@ -80,10 +80,14 @@ def profile_overhead(ctx: dict, N: int, M: int) -> list[str]:
                        for k, v in stats.stats.items()
                        if "taskcodec" in k[0] or "mlflow" in k[0] or "tqdm" in k[0]
                        or "_train_epoch" in k[2]), reverse=True)[:6]
-        lines.append(f"cProfile {name} (25 steps, {total:.1f} s total): top taskcodec/mlflow "
+        lines.append(f"cProfile {name} ({steps} steps, {total:.1f} s total): top taskcodec/mlflow "
                      "functions by cumulative s: "
                      + ", ".join(f"{fn} {cum:.2f}" for cum, fn in rows))
     return lines
+
+
+def _command(args: list[str]) -> str:
+    return "make bench" + (f" BENCH_ARGS='{' '.join(args)}'" if args else "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=NAMES,
                         help="run only this benchmark group (repeatable)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per comparison")
-    parser.add_argument("--kodak-images", type=int, default=0,
-                        help="use only the first N Kodak images (0: all 24)")
+    parser.add_argument("--kodak-images", type=int, default=12,
+                        help="use only the first N Kodak images (0: all 24; default 12 to "
+                        "fit the time budget)")
+    parser.add_argument("--ckpt-steps", type=int, default=100,
+                        help="training steps of the checkpoint benchmarks 2 and 3 code with")
     args = parser.parse_args(argv)
     chosen = set(args.only or NAMES)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -107,33 +114,32 @@ def main(argv: list[str] | None = None) -> int:
         cwd = os.getcwd()
         os.chdir(work)
         ctx = {"work": work, "machine": harness.machine(),
-               "command": "make bench" + (f"  (python -m benchmarks.run {' '.join(argv or sys.argv[1:])})"
-                                          if (argv or sys.argv[1:]) else "")}
+               "command": _command(argv if argv is not None else sys.argv[1:])}
         produced = []
         try:
             if "train" in chosen:
                 thr, same = training.bench_throughput(
                     ctx, codecs=("bmshj2018-factorized", "bmshj2018-hyperprior"), N=64, M=96,
-                    batch_size=8, warmup=3, measured=20, reps=args.reps)
+                    batch_size=8, warmup=2, measured=12, reps=args.reps)
                 missed = [r for r in thr["rows"] if r["target >= 1.0 (0.98)"] == "MISSED"]
                 if missed:
                     thr["notes"] += profile_overhead(ctx, 64, 96)
                 produced += [thr, same]
             if "variants" in chosen:
                 produced.append(training.bench_variants(ctx, N=64, M=96, batch_size=8, warmup=3,
-                                                        measured=15, reps=args.reps))
+                                                        measured=12, reps=args.reps))
             if "coding" in chosen:
                 if not coding.KODAK.is_dir() or not coding.kodak_images(coding.KODAK, 0):
                     print(f"Kodak not found at {coding.KODAK}: benchmarks 2 and 3 skipped")
                 else:
-                    ckpt = make_checkpoint(ctx, steps=150)
+                    ckpt = make_checkpoint(ctx, steps=args.ckpt_steps)
                     produced += list(coding.bench_coding(ctx, ckpt, limit=args.kodak_images))
             if "launch" in chosen:
                 produced.append(launch.bench_launch(ctx, runs=5))
             if "scaling" in chosen:
                 produced.append(training.bench_scaling(
-                    ctx, N=64, M=96, batches=(8, 16, 32), warmup=2, measured=8,
-                    reps=max(1, args.reps - 1), ddp_batch=16, ddp_steps=(4, 14)))
+                    ctx, N=64, M=96, batches=(8, 16, 32), warmup=1, measured=6,
+                    reps=max(1, args.reps - 1), ddp_batch=16, ddp_steps=(2, 8)))
         finally:
             os.chdir(cwd)
     elapsed = time.perf_counter() - started

@@ -22,6 +22,9 @@ from benchmarks import harness
 from benchmarks.plain_loop import images_per_second, train_plain, validate_plain
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Crop side and embedded-image size: small, so the whole `make bench` fits 20 min on 2 cores.
+PATCH = 64
+MAX_SIDE = 256
 
 
 def _timed_recipe(config):
@@ -42,13 +45,13 @@ def _timed_recipe(config):
 
 
 def train_config(codec: str, *, N: int, M: int, batch_size: int, steps: int, seed: int,
-                 checkpoint_dir: Path, patch_size: int = 128):
+                 checkpoint_dir: Path, patch_size: int = PATCH):
     from taskcodec.config import TrainConfig
 
     return TrainConfig(codec=codec, N=N, M=M, data="embedded", patch_size=patch_size,
                        batch_size=batch_size, epochs=1, epoch_length=batch_size * (steps + 8),
                        max_steps=steps, lr_scheduler="none", seed=seed, device="cpu",
-                       checkpoint_dir=str(checkpoint_dir))
+                       max_side=MAX_SIDE, checkpoint_dir=str(checkpoint_dir))
 
 
 def run_taskcodec(config, uri: str) -> dict:
@@ -65,12 +68,12 @@ def run_taskcodec(config, uri: str) -> dict:
             "val_loss": trainer.state.history[-1]["val_loss"]}
 
 
-def datasets(seed: int, batch_size: int, steps: int, patch_size: int = 128):
+def datasets(seed: int, batch_size: int, steps: int, patch_size: int = PATCH):
     from taskcodec.data import build_dataset
 
     train = build_dataset("embedded", "train", patch_size=patch_size, seed=seed,
-                          epoch_length=batch_size * (steps + 8))
-    val = build_dataset("embedded", "val", seed=seed)
+                          max_side=MAX_SIDE, epoch_length=batch_size * (steps + 8))
+    val = build_dataset("embedded", "val", seed=seed, max_side=MAX_SIDE)
     return train, [val[i] for i in range(len(val))]
 
 
@@ -96,35 +99,11 @@ def bench_throughput(ctx: dict, *, codecs, N: int, M: int, batch_size: int, warm
     server_uri = start_server(server_dir)
     try:
         for codec in codecs:
-            train_set, val_images = datasets(seed, batch_size, steps)
-            walls = {"plain": [], "taskcodec-sqlite": [], "taskcodec-server": []}
-            vals = {"plain": [], "taskcodec-sqlite": []}
-
-            def plain():
-                start = time.perf_counter()
-                res = train_plain(codec, N, M, train_set, batch_size=batch_size, steps=steps,
-                                  seed=seed)
-                vals["plain"].append(validate_plain(res.model, val_images))
-                walls["plain"].append(time.perf_counter() - start)
-                return images_per_second(res.step_times, warmup, measured, batch_size)
-
-            def taskcodec(uri: str, name: str):
-                def side():
-                    cfg = train_config(codec, N=N, M=M, batch_size=batch_size, steps=steps,
-                                       seed=seed, checkpoint_dir=Path(tempfile.mkdtemp(dir=work)))
-                    res = run_taskcodec(cfg, uri)
-                    walls[name].append(res["wall"])
-                    if name in vals:
-                        vals[name].append(res["val_loss"])
-                    return images_per_second(res["step_times"], warmup, measured, batch_size)
-                return side
-
-            sqlite_uri = f"sqlite:///{work / 'mlflow.db'}"
-            ips = harness.run_alternating({
-                "plain": plain,
-                "taskcodec-sqlite": taskcodec(sqlite_uri, "taskcodec-sqlite"),
-                "taskcodec-server": taskcodec(server_uri, "taskcodec-server"),
-            }, reps)
+            ips, walls, vals = _measure_codec(
+                codec, N=N, M=M, batch_size=batch_size, warmup=warmup, measured=measured,
+                reps=reps, seed=seed, work=work,
+                uris={"taskcodec-sqlite": f"sqlite:///{work / 'mlflow.db'}",
+                      "taskcodec-server": server_uri})
             for name in ("taskcodec-sqlite", "taskcodec-server"):
                 r = harness.median_spread(harness.ratios(ips["plain"], ips[name]))
                 rows.append({"codec": codec, "side": name,
@@ -140,13 +119,16 @@ def bench_throughput(ctx: dict, *, codecs, N: int, M: int, batch_size: int, warm
             p, t = vals["plain"][0], vals["taskcodec-sqlite"][0]
             same_math.append({"codec": codec, "steps": steps, "plain val_loss": p,
                               "taskcodec val_loss": t, "relative difference": abs(t - p) / abs(p),
-                              "repeatable across reps": len(set(vals["plain"] + vals[
-                                  "taskcodec-sqlite"])) == 1})
+                              "each side identical across reps":
+                                  len(set(vals["plain"])) == 1
+                                  and len(set(vals["taskcodec-sqlite"])) == 1})
     finally:
         stop_server(server_dir)
-    settings = {"N": N, "M": M, "batch_size": batch_size, "patch_size": 128,
+    settings = {"N": N, "M": M, "batch_size": batch_size, "patch_size": PATCH,
+                "max_side": MAX_SIDE,
                 "warmup_steps": warmup, "measured_steps": measured, "repetitions": reps,
-                "seed": seed, "data": "embedded (scikit-image), random 128px crops",
+                "seed": seed,
+                "data": f"embedded (scikit-image, longer side {MAX_SIDE}), random {PATCH} px crops",
                 "lr": 1e-4, "aux_lr": 1e-3, "lmbda": 0.013, "clip_max_norm": 1.0}
     throughput = harness.result(
         "train_throughput", "1. Training throughput: plain CompressAI loop vs taskcodec",
@@ -160,17 +142,49 @@ def bench_throughput(ctx: dict, *, codecs, N: int, M: int, batch_size: int, warm
             "that is in the wall column (plain wall includes its validation), not in img/s.",
             "ratio = taskcodec img/s / plain img/s per repetition (sides alternate ABC CBA); "
             "target >= 1.0x with < 2 % logging overhead, judged as median ratio >= 0.98.",
-            f"small on purpose: 2 shared cores, N={N}/M={M}, {measured} measured steps, "
+            f"small on purpose: 2 shared cores, N={N}/M={M}, {PATCH} px crops, {measured} "
+            "measured steps, "
             f"{reps} repetitions; the spread shows the noise of the shared CPU."])
     math_result = harness.result(
         "same_math", "4. Same math: validation loss after the same steps, same seed",
         command=ctx["command"], machine_info=ctx["machine"],
-        settings={**settings, "validation": "2 embedded val images, whole, zero-padded to 64"},
+        settings={**settings, "validation": "the 2 embedded val images, whole, zero-padded "
+                                                 "to a multiple of 64"},
         rows=same_math,
         summary={r["codec"]: r["relative difference"] for r in same_math},
         notes=["plain = the hand loop + its own validation; taskcodec = Trainer's val_loss "
                "of the run measured in benchmark 1 (to sqlite)."])
     return throughput, math_result
+
+
+def _measure_codec(codec: str, *, N: int, M: int, batch_size: int, warmup: int, measured: int,
+                   reps: int, seed: int, work: Path, uris: dict[str, str]):
+    """img/s, whole-call wall times and val losses of the plain loop and each taskcodec side."""
+    steps = warmup + measured + 1
+    train_set, val_images = datasets(seed, batch_size, steps)
+    walls: dict[str, list[float]] = {"plain": [], **{name: [] for name in uris}}
+    vals: dict[str, list[float]] = {"plain": [], **{name: [] for name in uris}}
+
+    def plain():
+        start = time.perf_counter()
+        res = train_plain(codec, N, M, train_set, batch_size=batch_size, steps=steps, seed=seed)
+        vals["plain"].append(validate_plain(res.model, val_images))
+        walls["plain"].append(time.perf_counter() - start)
+        return images_per_second(res.step_times, warmup, measured, batch_size)
+
+    def taskcodec(name: str):
+        def side():
+            cfg = train_config(codec, N=N, M=M, batch_size=batch_size, steps=steps, seed=seed,
+                               checkpoint_dir=Path(tempfile.mkdtemp(dir=work)))
+            res = run_taskcodec(cfg, uris[name])
+            walls[name].append(res["wall"])
+            vals[name].append(res["val_loss"])
+            return images_per_second(res["step_times"], warmup, measured, batch_size)
+        return side
+
+    ips = harness.run_alternating({"plain": plain, **{name: taskcodec(name) for name in uris}},
+                                  reps)
+    return ips, walls, vals
 
 
 def statistics_median(values):
@@ -216,7 +230,8 @@ def bench_variants(ctx: dict, *, N: int, M: int, batch_size: int, warmup: int, m
 
 
 def bench_scaling(ctx: dict, *, N: int, M: int, batches, warmup: int, measured: int,
-                  reps: int, ddp_batch: int, ddp_steps: tuple[int, int], seed: int = 0) -> dict:
+                  reps: int, ddp_batch: int, ddp_steps: tuple[int, int], ddp_reps: int = 1,
+                  seed: int = 0) -> dict:
     """Benchmark 6: img/s vs batch size (in process), and 1 vs 2 DDP processes (torchrun)."""
     work = Path(ctx["work"])
     uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -233,27 +248,30 @@ def bench_scaling(ctx: dict, *, N: int, M: int, batches, warmup: int, measured: 
     ips = harness.run_alternating({f"batch {b}": at(b) for b in batches}, reps)
     rows = [{"setting": name, "processes": 1, "img/s median": harness.median_spread(v)["median"],
              "min": min(v), "max": max(v)} for name, v in ips.items()]
-    ddp = ddp_scaling(ctx, N=N, M=M, total_batch=ddp_batch, steps=ddp_steps, reps=reps,
+    ddp = ddp_scaling(ctx, N=N, M=M, total_batch=ddp_batch, steps=ddp_steps, reps=ddp_reps,
                       seed=seed)
     rows += ddp["rows"]
     return harness.result(
         "scaling", "6. Scaling: batch size, and 1 vs 2 DDP CPU processes",
         command=ctx["command"], machine_info=ctx["machine"],
         settings={"N": N, "M": M, "batches": list(batches), "measured_steps": measured,
-                  "repetitions": reps, "ddp_total_batch": ddp_batch, "ddp_steps": ddp_steps},
+                  "repetitions": reps, "ddp_total_batch": ddp_batch, "ddp_steps": ddp_steps,
+                  "ddp_repetitions": ddp_reps},
         rows=rows, summary=ddp["summary"], notes=[
             "batch rows: taskcodec in-process (factorized), img/s over measured steps.",
             "DDP rows: whole `taskcodec train` processes (torchrun --standalone, gloo) with "
             f"max_steps {ddp_steps[0]} and {ddp_steps[1]}; img/s = extra images / extra wall "
             "time, which cancels start-up, MLflow run creation, validation and checkpoints. "
-            "Same total batch: 1 process x B vs 2 processes x B/2.",
+            f"Same total batch: 1 process x B vs 2 processes x B/2; {ddp_reps} repetition(s) "
+            "only: each whole process takes ~20-30 s to start on this busy machine.",
             "2 DDP processes on 2 shared cores: each process gets 1 thread (torchrun sets "
             "OMP_NUM_THREADS=1), so this measures gloo's overhead more than any speed-up."])
 
 
 def _train_cmd(nproc: int, batch: int, steps: int, work: Path, N: int, M: int, seed: int):
     args = ["train", "--codec", "bmshj2018-factorized", "--N", str(N), "--M", str(M),
-            "--patch-size", "128", "--batch-size", str(batch), "--epochs", "1",
+            "--patch-size", str(PATCH), "--max-side", str(MAX_SIDE), "--batch-size", str(batch),
+            "--epochs", "1",
             "--epoch-length", str(batch * nproc * (steps + 8)), "--max-steps", str(steps),
             "--lr-scheduler", "none", "--seed", str(seed), "--device", "cpu",
             "--checkpoint-dir", tempfile.mkdtemp(dir=work)]

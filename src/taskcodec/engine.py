@@ -294,10 +294,12 @@ class Trainer:
             if not torch.isfinite(loss):
                 weights = " or ".join(f"{k}={getattr(config, k)}" for k in ("lmbda", "alpha", "beta")
                                       if hasattr(config, k))
+                # .item(): float() of a tensor that requires grad adds a warning to the output
+                saved = (f"; the last good checkpoint is in {self.ckpt_dir}"
+                         if (self.ckpt_dir / "last.pt").is_file() else "")
                 raise TrainingError(
-                    f"loss became {float(loss)} at step {state.step + 1} (epoch {state.epoch + 1}); "
-                    f"lower lr={config.lr} or {weights}, or check the data; the last "
-                    f"good checkpoint is in {self.ckpt_dir}")
+                    f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "
+                    f"lower lr={config.lr} or {weights}, or check the data{saved}")
             loss.backward()
             if config.clip_max_norm > 0:
                 nn.utils.clip_grad_norm_(trainable.parameters(), config.clip_max_norm)
