@@ -176,7 +176,8 @@ def test_trailing_garbage_is_refused(two_layers):
 
 
 def test_unknown_layer_names_the_available_ones(two_layers):
-    with pytest.raises(BitstreamError, match="layer 'extra' is not in this bitstream \\(it has: 'base', 'enhancement'\\)"):
+    expected = "layer 'extra' is not in this bitstream \\(it has: 'base', 'enhancement'\\)"
+    with pytest.raises(BitstreamError, match=expected):
         unpack(pack(HEADER, two_layers), layers={"base", "extra"})
 
 

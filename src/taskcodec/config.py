@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from taskcodec.errors import ConfigError
 
@@ -77,7 +78,7 @@ class Config:
         return [f for f in every if f.name in own] + [f for f in every if f.name not in own]
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "Config":
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
         known = {f.name: f for f in cls.fields()}
         unknown = sorted(set(values) - set(known))
         if unknown:

@@ -22,7 +22,7 @@ from taskcodec import tracking
 from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, load_codec
 from taskcodec.config import EvalConfig
 from taskcodec.data import build_dataset
-from taskcodec.data.transforms import crop_padding, pad_to_multiple
+from taskcodec.data.transforms import pad_to_multiple
 from taskcodec.metrics import bpp_from_bytes, bpp_from_likelihoods, ms_ssim, psnr
 
 log = logging.getLogger(__name__)

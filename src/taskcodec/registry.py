@@ -6,7 +6,8 @@ known ones, so a typo on the command line says what would have worked.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from taskcodec.errors import ConfigError
 

@@ -19,9 +19,10 @@ import queue
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from taskcodec.errors import TrackingError
 

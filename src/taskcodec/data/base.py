@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from taskcodec.errors import DataError
 from taskcodec.data.transforms import crop_box, parse_patch_size, to_float
+from taskcodec.errors import DataError
 
 SPLITS = ("train", "val")
 MIN_EPOCH_LENGTH = 64  # crops per epoch for tiny sets, so an "epoch" is a useful unit of work

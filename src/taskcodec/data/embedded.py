@@ -43,7 +43,7 @@ VAL_IMAGES = ("chelsea", "coffee")
 TRAIN_IMAGES = tuple(name for name in _LOADERS if name not in VAL_IMAGES)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_embedded(name: str, max_side: int | None = DEFAULT_MAX_SIDE
                   ) -> tuple[torch.Tensor, tuple[int, int]]:
     """One embedded image as uint8 ``(3, H, W)`` (cached; do not modify it in place) and its

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from taskcodec.errors import DataError
 from taskcodec.data.archive import ARCHIVE_SUFFIXES, extract, is_archive
 from taskcodec.data.base import ImageDataset, check_split
 from taskcodec.data.transforms import downscale, to_rgb, to_uint8_tensor
+from taskcodec.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VAL_EVERY = 10

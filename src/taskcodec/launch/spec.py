@@ -12,9 +12,10 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -92,7 +93,7 @@ class JobSpec:
     pass_env: list[str] = field(default_factory=list)        # variable names to pass through
     project_dir: str = ""       # where MLProject lives on the compute side
 
-    def validate(self, project_dir: Path = PROJECT_DIR) -> "JobSpec":
+    def validate(self, project_dir: Path = PROJECT_DIR) -> JobSpec:
         entry_points = load_entry_points(project_dir)
         if self.entry_point not in entry_points:
             raise ConfigError(f"unknown entry point {self.entry_point!r} "
