@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -66,7 +67,7 @@ def encoded(checkpoints, photo, tmp_path_factory) -> bytes:
 def read_png(path: Path) -> torch.Tensor:
     with Image.open(path) as img:
         assert img.mode == "RGB"
-        return torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -60,7 +60,7 @@ def client(uri: str | None = None):
 
 
 def steps(run_id: str, key: str, uri: str | None = None) -> list[int]:
-    """The steps at which ``key`` was logged, in logging order of the steps (sorted)."""
+    """The steps at which ``key`` was logged, sorted; a step logged twice appears twice."""
     return sorted(m.step for m in client(uri).get_metric_history(run_id, key))
 
 
@@ -86,6 +86,17 @@ def taskcodec(*args: str, cwd: Path, env: dict | None = None,
               timeout: float = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
     return subprocess.run([TASKCODEC, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+def taskcodec_here(*args: str, cwd: Path, monkeypatch) -> subprocess.CompletedProcess:
+    """``taskcodec ARGS`` run in this process (no start-up cost), in ``cwd``."""
+    from click.testing import CliRunner
+
+    from taskcodec.cli.main import cli
+
+    monkeypatch.chdir(cwd)
+    result = CliRunner().invoke(cli, list(args))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def start_taskcodec(*args: str, cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
@@ -350,10 +361,11 @@ def unused_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_tracking_server_at_start_is_one_error_naming_the_uri(tmp_path):
+def test_unreachable_tracking_server_at_start_is_one_error_naming_the_uri(tmp_path, monkeypatch):
     uri = f"http://127.0.0.1:{unused_port()}"
-    result = taskcodec("train", *TINY, "--max-steps", "2", cwd=tmp_path,
-                       env={**os.environ, "MLFLOW_TRACKING_URI": uri}, timeout=60)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = taskcodec_here("train", *TINY, "--max-steps", "2", cwd=tmp_path,
+                            monkeypatch=monkeypatch)
     line = assert_one_clean_error(result)
     assert uri in line and "cannot reach" in line
     assert not (tmp_path / "checkpoints").exists()  # refused before any work
@@ -362,8 +374,10 @@ def test_unreachable_tracking_server_at_start_is_one_error_naming_the_uri(tmp_pa
 @pytest.mark.slow
 @pytest.mark.server
 def test_training_survives_a_tracking_server_that_goes_away_and_comes_back(
-        server_script, tmp_path, stop_process):
+        server_script, blank_store, tmp_path, stop_process):
     server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    shutil.copyfile(blank_store, server_dir / "mlflow.db")  # its default store: starts sooner
     start = server_script("start", "--dir", str(server_dir))
     assert start.returncode == 0, start.stderr
     uri = start.stdout.strip()
@@ -378,7 +392,7 @@ def _train_through_outage(server_script, server_dir, uri, tmp_path, stop_process
     warm_up(uri, tmp_path)
     ckpt_dir = tmp_path / "ckpt"
     log = tmp_path / "train.log"
-    max_steps = 100
+    max_steps = 60
     proc = start_taskcodec("train", *TINY, "--epochs", "1", "--epoch-length", "10000",
                            "--max-steps", str(max_steps), "--log-every", "5",
                            "--checkpoint-every", "10", "--checkpoint-dir", str(ckpt_dir),
@@ -441,10 +455,11 @@ def nan_checkpoint(path: Path) -> Path:
                                                    "M": 8}}, path)
 
 
-def test_non_finite_loss_stops_with_one_clear_error(tmp_path):
+def test_non_finite_loss_stops_with_one_clear_error(tmp_path, monkeypatch):
     source = nan_checkpoint(tmp_path / "nan.pt")
-    result = taskcodec("train", *TINY, "--max-steps", "5", "--init-from", str(source),
-                       "--checkpoint-dir", str(tmp_path / "ckpt"), cwd=tmp_path)
+    result = taskcodec_here("train", *TINY, "--max-steps", "5", "--init-from", str(source),
+                            "--checkpoint-dir", str(tmp_path / "ckpt"), cwd=tmp_path,
+                            monkeypatch=monkeypatch)
     line = assert_one_clean_error(result)
     assert line == ("Error: loss became nan at step 1 (epoch 1); lower lr=0.0001 or lmbda=0.013, "
                     "or check the data")  # no checkpoint to point to: none was written
