@@ -33,9 +33,10 @@ targets, in one process run on one machine; the figures below are rewritten by e
 ...) over several repetitions and reports the median ratio with its min-max spread.
 
 Sizes are deliberately small so the whole run fits in 20 minutes on the 2 shared cores of the
-development machine (N=64/M=96, 64 px crops, embedded images downscaled to 256 px, about a
-dozen measured steps, 3 repetitions, half of Kodak, a briefly trained checkpoint): the ratios
-are meaningful, the absolute images/s are those of a toy model on a busy CPU.
+development machine (N=64/M=96, 64 px crops, embedded images downscaled to 256 px, 10-30
+measured steps, 1 torch thread (see 1b), 3 repetitions, half of Kodak, a briefly trained
+checkpoint): the ratios are meaningful, the absolute images/s are those of a toy model on a
+busy CPU.
 """
 
 
@@ -60,7 +61,7 @@ def profile_overhead(ctx: dict, N: int, M: int) -> list[str]:
     from benchmarks.training import datasets, run_taskcodec, train_config
 
     work = Path(ctx["work"])
-    steps = 15
+    steps = 30
     profiles = {}
     for name in ("plain", "taskcodec"):
         prof = cProfile.Profile()
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kodak-images", type=int, default=12,
                         help="use only the first N Kodak images (0: all 24; default 12 to "
                         "fit the time budget)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--ckpt-steps", type=int, default=100,
                         help="training steps of the checkpoint benchmarks 2 and 3 code with")
     args = parser.parse_args(argv)
@@ -107,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     logging.disable(logging.WARNING)
 
+    import torch
+
     from benchmarks import coding, launch, training
+
+    # 2 threads on 2 cores shared with other work are several times slower and far noisier
+    # than 1 (benchmark 1b measures it): one thread keeps the comparisons readable.
+    torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="taskcodec-bench-") as work:
@@ -120,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             if "train" in chosen:
                 thr, same = training.bench_throughput(
                     ctx, codecs=("bmshj2018-factorized", "bmshj2018-hyperprior"), N=64, M=96,
-                    batch_size=8, warmup=2, measured=12, reps=args.reps)
+                    batch_size=8, warmup=3, measured=30, reps=args.reps)
                 missed = [r for r in thr["rows"] if r["target >= 1.0 (0.98)"] == "MISSED"]
                 if missed:
                     thr["notes"] += profile_overhead(ctx, 64, 96)
@@ -138,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 produced.append(launch.bench_launch(ctx, runs=5))
             if "scaling" in chosen:
                 produced.append(training.bench_scaling(
-                    ctx, N=64, M=96, batches=(8, 16, 32), warmup=1, measured=6,
-                    reps=max(1, args.reps - 1), ddp_batch=16, ddp_steps=(2, 8)))
+                    ctx, N=64, M=96, batches=(8, 16, 32), warmup=2, measured=10,
+                    reps=max(1, args.reps - 1), ddp_batch=16))
         finally:
             os.chdir(cwd)
     elapsed = time.perf_counter() - started

@@ -198,7 +198,7 @@ def bench_variants(ctx: dict, *, N: int, M: int, batch_size: int, warmup: int, m
     train_set, _ = datasets(seed, batch_size, steps)
     default_threads = torch.get_num_threads()
 
-    def plain(channels_last=False, threads=default_threads):
+    def plain(channels_last=False, threads=1):
         def side():
             torch.set_num_threads(threads)
             try:
@@ -209,29 +209,32 @@ def bench_variants(ctx: dict, *, N: int, M: int, batch_size: int, warmup: int, m
             return images_per_second(res.step_times, warmup, measured, batch_size)
         return side
 
-    sides = {"default": plain(), "channels_last": plain(channels_last=True),
-             "1 thread": plain(threads=1)}
+    sides = {"1 thread (bench default)": plain(), "channels_last, 1 thread":
+             plain(channels_last=True), "2 threads (torch default here)": plain(threads=2)}
     ips = harness.run_alternating(sides, reps)
     rows = []
     for name in sides:
-        r = harness.median_spread(harness.ratios(ips["default"], ips[name]))
+        r = harness.median_spread(harness.ratios(ips["1 thread (bench default)"], ips[name]))
         rows.append({"variant": name, "img/s median": harness.median_spread(ips[name])["median"],
-                     "vs default median": r["median"], "min": r["min"], "max": r["max"]})
+                     "vs 1 thread median": r["median"], "min": r["min"], "max": r["max"]})
     return harness.result(
         "train_variants", "1b. Step speed-ups tried on the plain loop (factorized)",
         command=ctx["command"], machine_info=ctx["machine"],
         settings={"N": N, "M": M, "batch_size": batch_size, "measured_steps": measured,
                   "repetitions": reps, "default_threads": default_threads},
-        rows=rows, summary={r["variant"]: r["vs default median"] for r in rows},
-        notes=["torch.compile was not tried: compiling this model takes minutes on 2 shared "
+        rows=rows, summary={r["variant"]: r["vs 1 thread median"] for r in rows},
+        notes=["torch's default here is 2 intra-op threads (= cores); with the CPU shared by "
+               "other work (load average ~6 on 2 cores), 2 threads wait on each other and a "
+               "step gets several times slower and far noisier, so every training benchmark "
+               "runs with torch.set_num_threads(1).",
+               "torch.compile was not tried: compiling this model takes minutes on 2 shared "
                "cores, longer than the whole benchmark budget.",
                "data loading is not the bottleneck here (crops of in-memory images, "
                "num_workers=0); worker processes would compete for the same 2 cores."])
 
 
 def bench_scaling(ctx: dict, *, N: int, M: int, batches, warmup: int, measured: int,
-                  reps: int, ddp_batch: int, ddp_steps: tuple[int, int], ddp_reps: int = 1,
-                  seed: int = 0) -> dict:
+                  reps: int, ddp_batch: int, ddp_reps: int = 1, seed: int = 0) -> dict:
     """Benchmark 6: img/s vs batch size (in process), and 1 vs 2 DDP processes (torchrun)."""
     work = Path(ctx["work"])
     uri = f"sqlite:///{work / 'mlflow.db'}"
@@ -248,33 +251,32 @@ def bench_scaling(ctx: dict, *, N: int, M: int, batches, warmup: int, measured: 
     ips = harness.run_alternating({f"batch {b}": at(b) for b in batches}, reps)
     rows = [{"setting": name, "processes": 1, "img/s median": harness.median_spread(v)["median"],
              "min": min(v), "max": max(v)} for name, v in ips.items()]
-    ddp = ddp_scaling(ctx, N=N, M=M, total_batch=ddp_batch, steps=ddp_steps, reps=ddp_reps,
-                      seed=seed)
+    ddp = ddp_scaling(ctx, N=N, M=M, total_batch=ddp_batch, warmup=warmup, measured=measured,
+                      reps=ddp_reps, seed=seed)
     rows += ddp["rows"]
     return harness.result(
         "scaling", "6. Scaling: batch size, and 1 vs 2 DDP CPU processes",
         command=ctx["command"], machine_info=ctx["machine"],
         settings={"N": N, "M": M, "batches": list(batches), "measured_steps": measured,
-                  "repetitions": reps, "ddp_total_batch": ddp_batch, "ddp_steps": ddp_steps,
+                  "repetitions": reps, "ddp_total_batch": ddp_batch,
                   "ddp_repetitions": ddp_reps},
         rows=rows, summary=ddp["summary"], notes=[
             "batch rows: taskcodec in-process (factorized), img/s over measured steps.",
-            "DDP rows: whole `taskcodec train` processes (torchrun --standalone, gloo) with "
-            f"max_steps {ddp_steps[0]} and {ddp_steps[1]}; img/s = extra images / extra wall "
-            "time, which cancels start-up, MLflow run creation, validation and checkpoints. "
-            f"Same total batch: 1 process x B vs 2 processes x B/2; {ddp_reps} repetition(s) "
-            "only: each whole process takes ~20-30 s to start on this busy machine.",
-            "2 DDP processes on 2 shared cores: each process gets 1 thread (torchrun sets "
-            "OMP_NUM_THREADS=1), so this measures gloo's overhead more than any speed-up."])
+            "DDP rows: whole `taskcodec train` processes (torchrun --standalone, gloo, "
+            "OMP_NUM_THREADS=1 per process on both sides) with log_every=1; img/s from the "
+            "MLflow timestamps of the loss of the measured steps, so start-up, run creation, "
+            "validation and checkpoints are left out. Same total batch: 1 process x B vs 2 "
+            f"processes x B/2; {ddp_reps} repetition(s): each process start costs 20-30 s here.",
+            "in-process rows use torch.set_num_threads(1) like every training benchmark here "
+            "(see 1b)."])
 
 
 def _train_cmd(nproc: int, batch: int, steps: int, work: Path, N: int, M: int, seed: int):
     args = ["train", "--codec", "bmshj2018-factorized", "--N", str(N), "--M", str(M),
             "--patch-size", str(PATCH), "--max-side", str(MAX_SIDE), "--batch-size", str(batch),
-            "--epochs", "1",
-            "--epoch-length", str(batch * nproc * (steps + 8)), "--max-steps", str(steps),
-            "--lr-scheduler", "none", "--seed", str(seed), "--device", "cpu",
-            "--checkpoint-dir", tempfile.mkdtemp(dir=work)]
+            "--epochs", "1", "--epoch-length", str(batch * nproc * (steps + 8)),
+            "--max-steps", str(steps), "--log-every", "1", "--lr-scheduler", "none",
+            "--seed", str(seed), "--device", "cpu", "--checkpoint-dir", tempfile.mkdtemp(dir=work)]
     if nproc == 1:
         return [sys.executable, "-m", "taskcodec.cli.main", *args]
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -282,22 +284,28 @@ def _train_cmd(nproc: int, batch: int, steps: int, work: Path, N: int, M: int, s
             "-m", "taskcodec.cli.main", *args]
 
 
-def ddp_scaling(ctx: dict, *, N: int, M: int, total_batch: int, steps: tuple[int, int],
+def ddp_scaling(ctx: dict, *, N: int, M: int, total_batch: int, warmup: int, measured: int,
                 reps: int, seed: int) -> dict:
-    work = Path(ctx["work"])
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow-ddp.db'}",
-           "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT / "src")}
+    """img/s from the MLflow timestamps of the per-step loss (log_every=1), so process start-up
+    (20-30 s here, and noisy) does not enter the figure."""
+    from mlflow.tracking import MlflowClient
 
-    def wall(nproc: int, n_steps: int) -> float:
-        cmd = _train_cmd(nproc, total_batch // nproc, n_steps, work, N, M, seed)
-        start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, capture_output=True, cwd=work)
-        return time.perf_counter() - start
+    work = Path(ctx["work"])
+    uri = f"sqlite:///{work / 'mlflow-ddp.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src")}
+    steps = warmup + measured + 1
 
     def rate(nproc: int):
         def side():
-            short, long = wall(nproc, steps[0]), wall(nproc, steps[1])
-            return (steps[1] - steps[0]) * total_batch / (long - short)
+            cmd = _train_cmd(nproc, total_batch // nproc, steps, work, N, M, seed)
+            done = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True,
+                                  cwd=work)
+            run_id = done.stdout.strip().splitlines()[-1]
+            history = sorted(MlflowClient(uri).get_metric_history(run_id, "loss"),
+                             key=lambda m: m.step)
+            stamps = [m.timestamp / 1000 for m in history]
+            return measured * total_batch / (stamps[warmup + measured] - stamps[warmup])
         return side
 
     ips = harness.run_alternating({"1 process": rate(1), "2 processes (DDP)": rate(2)}, reps)
