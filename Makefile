@@ -12,6 +12,7 @@ UI_PORT   ?= 5000
 # Targets of the training image (docker/) and of the team tracking server (deploy/).
 -include docker/image.mk
 -include deploy/tracking.mk
+-include benchmarks/bench.mk
 
 .PHONY: help init install update build test demo mlflow-ui lint clean system-deps scalable-demo
 
