@@ -10,28 +10,17 @@ Any taskcodec error ends as one ``Error:`` line with exit status 2. Also runs as
 from __future__ import annotations
 
 import os
-import sys
 from datetime import UTC, datetime
 
 import click
 
-from taskcodec.errors import ConfigError, TaskcodecError
+from taskcodec.cli.errors import Command
+from taskcodec.errors import ConfigError
 from taskcodec.launch import k8s
 from taskcodec.launch.spec import JobSpec, parse_assignments, parse_sweep
 
 _CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _DEFAULT_EXPERIMENT = "taskcodec"  # taskcodec.tracking.DEFAULT_EXPERIMENT
-
-
-class _Command(click.Command):
-    """Turns taskcodec errors into one line instead of a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except TaskcodecError as err:
-            click.echo(f"Error: {err}", err=True)
-            sys.exit(2)
 
 
 def _say(message: str) -> None:
@@ -56,7 +45,7 @@ def _connect(context: str, kubeconfig: str) -> k8s.Cluster:
     return k8s.connect(context=context, kubeconfig=kubeconfig)
 
 
-@click.command(cls=_Command, context_settings=_CONTEXT)
+@click.command(cls=Command, context_settings=_CONTEXT)
 @click.argument("entry_point", metavar="ENTRY_POINT")
 @click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
               help="entry point parameter (repeatable); any setting of `taskcodec train`")
@@ -193,7 +182,7 @@ def launch(entry_point, params, sweep, sweep_mode, parallelism, image, pull_poli
     _say(f"k8s-launch: watch with: k8s-status {first} | k8s-log {first} -f | k8s-cancel {first}")
 
 
-@click.command(cls=_Command, context_settings=_CONTEXT)
+@click.command(cls=Command, context_settings=_CONTEXT)
 @click.argument("name", required=False, metavar="[JOB]")
 @_cluster_options
 def status(name, namespace, context, kubeconfig):
@@ -231,7 +220,7 @@ def status(name, namespace, context, kubeconfig):
             click.echo(f"  pod {pod.name}{index}: {pod.phase}{node}{detail}")
 
 
-@click.command(cls=_Command, context_settings=_CONTEXT)
+@click.command(cls=Command, context_settings=_CONTEXT)
 @click.argument("name", metavar="JOB")
 @click.option("-f", "--follow", is_flag=True, help="stream the log until the pod ends")
 @click.option("--index", default=None, metavar="N", help="only the pod of this sweep index")
@@ -260,7 +249,7 @@ def log(name, follow, index, tail, namespace, context, kubeconfig):
         click.echo(f"[{pod}] {line}" if prefix else line)
 
 
-@click.command(cls=_Command, context_settings=_CONTEXT)
+@click.command(cls=Command, context_settings=_CONTEXT)
 @click.argument("name", metavar="JOB")
 @_cluster_options
 def cancel(name, namespace, context, kubeconfig):

@@ -16,22 +16,11 @@ import click
 
 from taskcodec import __version__
 from taskcodec.cli import compare_cmd, doctor_cmd
+from taskcodec.cli.errors import Group
 from taskcodec.cli.options import config_command
 from taskcodec.config import BaseConfig, EnhancementConfig, EvalConfig, LoopConfig, TrainConfig
-from taskcodec.errors import TaskcodecError
 
 PREEMPTED_EXIT = 75  # keep in sync with taskcodec.engine.PREEMPTED_EXIT (no torch import here)
-
-
-class _Group(click.Group):
-    """Turns taskcodec errors into one line instead of a traceback."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except TaskcodecError as err:
-            click.echo(f"Error: {err}", err=True)
-            sys.exit(2)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -41,7 +30,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"],
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
                                            "max_content_width": 100})
 @click.version_option(__version__, prog_name="taskcodec")
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")

@@ -13,19 +13,18 @@ mlflow is imported only when a run is created, torch never: ``--help`` answers a
 
 from __future__ import annotations
 
-import functools
 import os
 import shlex
 import stat
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
+from taskcodec.cli.errors import one_line_errors
 from taskcodec.errors import ConfigError, TaskcodecError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -69,20 +68,6 @@ def load_defaults(explicit: str = "") -> dict[str, Any]:
         if env:
             merged["env"] = {str(k): str(v) for k, v in env.items()}
     return merged
-
-
-def _one_line_errors(func: Callable) -> Callable:
-    """A taskcodec error ends as one ``Error:`` line with exit status 2, like ``taskcodec``."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except TaskcodecError as err:
-            click.echo(f"Error: {err}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def _pick(cli_value: Any, defaults: dict[str, Any], key: str, fallback: Any) -> Any:
@@ -175,7 +160,7 @@ _CONFIG = click.option("--config", "config_file", metavar="FILE", default="",
 @_CONFIG
 @click.option("--dry-run", is_flag=True,
               help="print the sbatch script and stop: no MLflow run, nothing submitted")
-@_one_line_errors
+@one_line_errors
 def launch(entry_point: str, params, sweep, name, account, partition, qos, constraint, time_limit,
            nodes, gpus, cpus, memory, depends_on, max_parallel, experiment, tracking_uri, run_id,
            image, runtime, binds, venv, project_dir, env_items, pass_env, setup, output_dir,
@@ -333,7 +318,7 @@ def _submit(spec, options, cluster, script: str, creds_file: str) -> None:
 @_HOST
 @_SSH_CONFIG
 @_CONFIG
-@_one_line_errors
+@one_line_errors
 def status(all_jobs: bool, all_users: bool, run_ids: bool, host, ssh_config, config_file) -> None:
     """Show your taskcodec jobs: state, elapsed time, node (or why it waits), MLflow run.
 
@@ -360,7 +345,7 @@ def status(all_jobs: bool, all_users: bool, run_ids: bool, host, ssh_config, con
 @_HOST
 @_SSH_CONFIG
 @_CONFIG
-@_one_line_errors
+@one_line_errors
 def log(job: str, follow: bool, output_dir, host, ssh_config, config_file) -> None:
     """Print the output of JOB: all its array tasks (123), or one task (123_4).
 
@@ -400,7 +385,7 @@ def log(job: str, follow: bool, output_dir, host, ssh_config, config_file) -> No
 @_HOST
 @_SSH_CONFIG
 @_CONFIG
-@_one_line_errors
+@one_line_errors
 def cancel(jobs: tuple[str, ...], all_jobs: bool, yes: bool, host, ssh_config, config_file) -> None:
     """Cancel JOBS (123 for a whole array, 123_4 for one task), or --all your taskcodec jobs.
 
