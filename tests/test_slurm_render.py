@@ -463,8 +463,9 @@ def test_parse_squeue_maps_tasks_to_runs():
     rows = slurm.parse_squeue(_squeue_22(comment), now=1000 + 3725)
     assert [(r.job_id, r.state, r.elapsed, r.where, r.run_id, r.link) for r in rows] == [
         ("7_1", "RUNNING", "01:02:05", "node1", "r1", "http://ui/r1"),
-        ("7_[2-3]", "PENDING", "-", "(Resources)", "", "")]
-    assert len(slurm.parse_squeue(_squeue_22(comment), all_jobs=True)) == 3
+        ("7_2", "PENDING", "-", "(Resources)", "r2", ""),
+        ("7_3", "PENDING", "-", "(Resources)", "r3", "")]
+    assert len(slurm.parse_squeue(_squeue_22(comment), all_jobs=True)) == 4
     table = slurm.format_jobs(rows)
     assert table.splitlines()[0].split() == ["JOB", "NAME", "STATE", "ELAPSED", "NODES/REASON",
                                              "MLFLOW", "RUN"]
@@ -544,3 +545,20 @@ def test_quoting_matches_shlex(tmp_path):
     spec = JobSpec("train", params={"run_name": "it's $HOME"}, tracking_uri=URI)
     script = slurm.render_sbatch(spec, slurm.SlurmOptions())
     assert shlex.quote("run_name=it's $HOME") in script
+
+
+def test_pending_array_record_lists_each_task_with_its_run():
+    """Before the scheduler splits an array, squeue shows one record "12_[0-2]"; slurm-status
+    still lists every task with its MLflow run (users want the ids at once)."""
+    from taskcodec.launch.slurm import make_comment, parse_squeue
+
+    runs = ["a" * 32, "b" * 32, "c" * 32]
+    record = {"job_id": 12, "array_job_id": 12, "array_task_id": None,
+              "array_task_string": "0-2%2", "job_state": "PENDING", "name": "sweep",
+              "state_reason": "Resources", "comment": make_comment(runs, ["l0", "l1", "l2"])}
+    rows = parse_squeue({"jobs": [record]}, now=0)
+    assert [(r.job_id, r.state, r.run_id, r.where) for r in rows] == [
+        ("12_0", "PENDING", runs[0], "(Resources)"), ("12_1", "PENDING", runs[1], "(Resources)"),
+        ("12_2", "PENDING", runs[2], "(Resources)")]
+    odd = parse_squeue({"jobs": [{**record, "array_task_string": "weird"}]}, now=0)
+    assert [r.job_id for r in odd] == ["12_[weird]"]

@@ -603,6 +603,14 @@ def parse_squeue(data: Mapping[str, Any], *, all_jobs: bool = False,
         state = state[0] if isinstance(state, list) and state else str(state)
         task = _number(job.get("array_task_id"))
         array_id = _number(job.get("array_job_id")) or 0
+        pending = _expand_tasks(job.get("array_task_string") or "")
+        if task is None and array_id and pending:
+            # Tasks not yet started are one squeue record ("12_[0-3]"): list each with its run.
+            for index in pending:
+                rows += parse_squeue({"jobs": [{**job, "array_task_id": index,
+                                                "array_task_string": ""}]},
+                                     all_jobs=all_jobs, now=now)
+            continue
         if task is not None and array_id:
             job_id = f"{array_id}_{task}"
         elif job.get("array_task_string"):
@@ -622,6 +630,21 @@ def parse_squeue(data: Mapping[str, Any], *, all_jobs: bool = False,
                             elapsed=elapsed, where=where, run_id=run_id, link=link,
                             stdout=job.get("standard_output") or ""))
     return sorted(rows, key=lambda r: _job_sort_key(r.job_id))
+
+
+def _expand_tasks(text: str) -> list[int] | None:
+    """Slurm's array task string ("0-3", "0,2,5-7", "0-9:2%4") as task ids; None if unknown."""
+    text = text.split("%", 1)[0].strip()
+    if not text:
+        return None
+    tasks: list[int] = []
+    for part in text.split(","):
+        span, _, step = part.partition(":")
+        first, _, last = span.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or (step and not step.isdigit()):
+            return None
+        tasks += range(int(first), int(last or first) + 1, int(step or 1))
+    return tasks if len(tasks) <= 10_000 else None
 
 
 def _job_sort_key(job_id: str) -> tuple[int, int]:
