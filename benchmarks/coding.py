@@ -8,6 +8,7 @@ pads the image the way CompressAI's ``eval_model`` does; taskcodec's side is ``l
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from PIL import Image
 from benchmarks import harness
 from benchmarks.plain_loop import MODELS
 
-KODAK = Path("/work/shared/data/kodak")
+#: The 24 Kodak images: ../shared/data/kodak beside the clone, or $TASKCODEC_KODAK.
+KODAK = Path(os.environ.get("TASKCODEC_KODAK")
+             or Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak")
 
 
 def kodak_images(folder: Path, limit: int) -> list[Path]:

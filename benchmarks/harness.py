@@ -165,3 +165,31 @@ def _short(v: Any) -> str:
     if isinstance(v, dict) and "median" in v:
         return fmt_spread(v)
     return str(v)
+
+
+def _proc_cpu_seconds(stat_path: Path) -> float:
+    """utime + stime of one /proc/<pid>/stat or /proc/<pid>/task/<tid>/stat, in seconds."""
+    try:
+        text = stat_path.read_text()
+    except OSError:
+        return 0.0  # gone meanwhile
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds used so far by the live processes of process group ``pgid`` (Linux /proc)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    total += _proc_cpu_seconds(entry / "stat")
+            except (ProcessLookupError, PermissionError):
+                continue
+    return total
+
+
+def thread_cpu_seconds(native_id: int) -> float:
+    """CPU seconds used so far by one thread of this process."""
+    return _proc_cpu_seconds(Path(f"/proc/self/task/{native_id}/stat"))

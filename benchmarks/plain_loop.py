@@ -39,7 +39,10 @@ def rd_loss(out: dict, x: torch.Tensor, lmbda: float) -> dict[str, torch.Tensor]
 
 def train_plain(codec: str, N: int, M: int, dataset, *, batch_size: int, steps: int, seed: int,
                 lr: float = 1e-4, aux_lr: float = 1e-3, lmbda: float = 0.013,
-                clip: float = 1.0, channels_last: bool = False) -> PlainResult:
+                clip: float = 1.0, channels_last: bool = False,
+                compile: bool = False) -> PlainResult:
+    """``compile``: run the forward through ``torch.compile`` (inductor); the first step then
+    includes the compilation (see :func:`images_per_second`'s warm-up)."""
     random.seed(seed)
     torch.manual_seed(seed)
     model = MODELS[codec](N=N, M=M)
@@ -54,6 +57,7 @@ def train_plain(codec: str, N: int, M: int, dataset, *, batch_size: int, steps: 
         dataset.set_epoch(0)
     result = PlainResult(model=model)
     model.train()
+    forward = torch.compile(model) if compile else model
     for i, x in enumerate(loader):
         if i >= steps:
             break
@@ -62,7 +66,7 @@ def train_plain(codec: str, N: int, M: int, dataset, *, batch_size: int, steps: 
             x = x.contiguous(memory_format=torch.channels_last)
         optimizer.zero_grad(set_to_none=True)
         aux_optimizer.zero_grad(set_to_none=True)
-        losses = rd_loss(model(x), x, lmbda)
+        losses = rd_loss(forward(x), x, lmbda)
         losses["loss"].backward()
         if clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip)

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,21 +28,42 @@ PATCH = 64
 MAX_SIDE = 256
 
 
-def _timed_recipe(config):
+def cpu_snapshot(server_pgid: int | None) -> dict[str, float]:
+    """CPU seconds used so far by the MLflow server's processes and by taskcodec's logger
+    thread (the two things the plain loop does not have), with the wall clock."""
+    logger = next((t for t in threading.enumerate() if t.name == "mlflow-logger"), None)
+    return {"wall": time.perf_counter(),
+            "server": harness.group_cpu_seconds(server_pgid) if server_pgid else 0.0,
+            "logger": harness.thread_cpu_seconds(logger.native_id) if logger else 0.0}
+
+
+def _timed_recipe(config, marks=(), server_pgid=None):
     from taskcodec.recipes import CodecRecipe
 
     class TimedRecipe(CodecRecipe):
-        """CodecRecipe that notes when each training step starts (nothing else changes)."""
+        """CodecRecipe that notes when each training step starts (nothing else changes) and,
+        just before the steps in ``marks`` start, how much CPU the server and logger used."""
 
         def __init__(self, cfg):
             super().__init__(cfg)
             self.step_times: list[float] = []
+            self.cpu: list[dict[str, float]] = []
 
         def losses(self, model, batch, device):
+            if len(self.step_times) in marks:
+                self.cpu.append(cpu_snapshot(server_pgid))
             self.step_times.append(time.perf_counter())
             return super().losses(model, batch, device)
 
     return TimedRecipe(config)
+
+
+def cpu_share(cpu: list[dict[str, float]]) -> dict[str, float]:
+    """CPU used by the server and the logger thread between two snapshots, as a share of one
+    core over that wall time."""
+    first, last = cpu[0], cpu[-1]
+    wall = last["wall"] - first["wall"]
+    return {k: (last[k] - first[k]) / wall for k in ("server", "logger")}
 
 
 def train_config(codec: str, *, N: int, M: int, batch_size: int, steps: int, seed: int,
@@ -54,17 +76,18 @@ def train_config(codec: str, *, N: int, M: int, batch_size: int, steps: int, see
                        max_side=MAX_SIDE, checkpoint_dir=str(checkpoint_dir))
 
 
-def run_taskcodec(config, uri: str) -> dict:
-    """One in-process taskcodec training run logging to ``uri``."""
+def run_taskcodec(config, uri: str, *, marks=(), server_pgid: int | None = None) -> dict:
+    """One in-process taskcodec training run logging to ``uri``; CPU snapshots before the
+    steps in ``marks``."""
     from taskcodec.engine import Trainer
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
-    recipe = _timed_recipe(config)
+    recipe = _timed_recipe(config, marks, server_pgid)
     start = time.perf_counter()
     trainer = Trainer(config, recipe=recipe)
     trainer.run()
     wall = time.perf_counter() - start
-    return {"step_times": recipe.step_times, "wall": wall,
+    return {"step_times": recipe.step_times, "wall": wall, "cpu": recipe.cpu,
             "val_loss": trainer.state.history[-1]["val_loss"]}
 
 
@@ -97,11 +120,12 @@ def bench_throughput(ctx: dict, *, codecs, N: int, M: int, batch_size: int, warm
     server_dir = work / "server"
     server_dir.mkdir(parents=True, exist_ok=True)
     server_uri = start_server(server_dir)
+    server_pgid = int((server_dir / "server.pid").read_text())
     try:
         for codec in codecs:
-            ips, walls, vals = _measure_codec(
+            ips, walls, vals, cpu = _measure_codec(
                 codec, N=N, M=M, batch_size=batch_size, warmup=warmup, measured=measured,
-                reps=reps, seed=seed, work=work,
+                reps=reps, seed=seed, work=work, server_pgid=server_pgid,
                 uris={"taskcodec-sqlite": f"sqlite:///{work / 'mlflow.db'}",
                       "taskcodec-server": server_uri})
             for name in ("taskcodec-sqlite", "taskcodec-server"):
@@ -114,6 +138,8 @@ def bench_throughput(ctx: dict, *, codecs, N: int, M: int, batch_size: int, warm
                              "wall s (plain / taskcodec)":
                                  f"{statistics_median(walls['plain']):.1f} / "
                                  f"{statistics_median(walls[name]):.1f}",
+                             "server CPU % of a core": _pct(cpu[name], "server"),
+                             "logger thread CPU % of a core": _pct(cpu[name], "logger"),
                              "target >= 1.0 (0.98)": "met" if r["median"] >= 0.98 else "MISSED"})
                 summary[f"{codec} {name} ratio"] = r
             p, t = vals["plain"][0], vals["taskcodec-sqlite"][0]
@@ -157,13 +183,20 @@ def bench_throughput(ctx: dict, *, codecs, N: int, M: int, batch_size: int, warm
     return throughput, math_result
 
 
+def _pct(shares: list[dict[str, float]], key: str) -> float:
+    return round(100 * harness.median_spread([s[key] for s in shares])["median"], 1)
+
+
 def _measure_codec(codec: str, *, N: int, M: int, batch_size: int, warmup: int, measured: int,
-                   reps: int, seed: int, work: Path, uris: dict[str, str]):
-    """img/s, whole-call wall times and val losses of the plain loop and each taskcodec side."""
+                   reps: int, seed: int, work: Path, uris: dict[str, str],
+                   server_pgid: int | None = None):
+    """img/s, whole-call wall times, val losses and the measured steps' server/logger CPU
+    shares of the plain loop and each taskcodec side."""
     steps = warmup + measured + 1
     train_set, val_images = datasets(seed, batch_size, steps)
     walls: dict[str, list[float]] = {"plain": [], **{name: [] for name in uris}}
     vals: dict[str, list[float]] = {"plain": [], **{name: [] for name in uris}}
+    cpu: dict[str, list[dict[str, float]]] = {name: [] for name in uris}
 
     def plain():
         start = time.perf_counter()
@@ -176,15 +209,17 @@ def _measure_codec(codec: str, *, N: int, M: int, batch_size: int, warmup: int, 
         def side():
             cfg = train_config(codec, N=N, M=M, batch_size=batch_size, steps=steps, seed=seed,
                                checkpoint_dir=Path(tempfile.mkdtemp(dir=work)))
-            res = run_taskcodec(cfg, uris[name])
+            res = run_taskcodec(cfg, uris[name], marks=(warmup, warmup + measured),
+                                server_pgid=server_pgid if "server" in name else None)
             walls[name].append(res["wall"])
             vals[name].append(res["val_loss"])
+            cpu[name].append(cpu_share(res["cpu"]))
             return images_per_second(res["step_times"], warmup, measured, batch_size)
         return side
 
     ips = harness.run_alternating({"plain": plain, **{name: taskcodec(name) for name in uris}},
                                   reps)
-    return ips, walls, vals
+    return ips, walls, vals, cpu
 
 
 def statistics_median(values):
@@ -192,45 +227,62 @@ def statistics_median(values):
 
 
 def bench_variants(ctx: dict, *, N: int, M: int, batch_size: int, warmup: int, measured: int,
-                   reps: int, seed: int = 0) -> dict:
+                   reps: int, seed: int = 0, compile_model: bool = True) -> dict:
     """Benchmark 1b: do channels_last or the thread count speed up the plain step here?"""
     steps = warmup + measured + 1
     train_set, _ = datasets(seed, batch_size, steps)
     default_threads = torch.get_num_threads()
 
-    def plain(channels_last=False, threads=1):
+    compile_s: list[float] = []
+
+    def plain(channels_last=False, threads=1, compile=False):
         def side():
             torch.set_num_threads(threads)
             try:
                 res = train_plain("bmshj2018-factorized", N, M, train_set, batch_size=batch_size,
-                                  steps=steps, seed=seed, channels_last=channels_last)
+                                  steps=steps, seed=seed, channels_last=channels_last,
+                                  compile=compile)
             finally:
                 torch.set_num_threads(default_threads)
+            if compile:  # the first step traces and compiles forward and backward
+                compile_s.append(res.step_times[1] - res.step_times[0])
             return images_per_second(res.step_times, warmup, measured, batch_size)
         return side
 
     sides = {"1 thread (bench default)": plain(), "channels_last, 1 thread":
              plain(channels_last=True), "2 threads (torch default here)": plain(threads=2)}
+    if compile_model:
+        sides["torch.compile (inductor), 1 thread"] = plain(compile=True)
     ips = harness.run_alternating(sides, reps)
     rows = []
     for name in sides:
         r = harness.median_spread(harness.ratios(ips["1 thread (bench default)"], ips[name]))
         rows.append({"variant": name, "img/s median": harness.median_spread(ips[name])["median"],
                      "vs 1 thread median": r["median"], "min": r["min"], "max": r["max"]})
+    speed = {r["variant"]: r["vs 1 thread median"] for r in rows}
+    load = os.getloadavg()[0]
+    notes = [f"2 intra-op threads (torch's default here, = cores) ran at "
+             f"{speed['2 threads (torch default here)']:.2f}x the 1-thread speed (load average "
+             f"{load:.1f} at the end of this benchmark). On a CPU shared with other work the two "
+             "threads wait on each other (0.16x at load 6 in an earlier run), so every other "
+             "training benchmark runs with torch.set_num_threads(1) to keep the ratios readable.",
+             f"channels_last: {speed['channels_last, 1 thread']:.2f}x."]
+    if compile_s:
+        notes.append(
+            f"torch.compile(model) (inductor, CPU, forward compiled, loss and optimizers eager): "
+            f"{speed['torch.compile (inductor), 1 thread']:.2f}x the eager step once compiled; "
+            f"the first step (tracing + compiling forward and backward) took "
+            f"{harness.median_spread(compile_s)['median']:.0f} s, paid again by every new "
+            "process, so it pays off only for runs much longer than this benchmark.")
+    notes.append("data loading is not the bottleneck here (crops of in-memory images, "
+                 "num_workers=0); worker processes would compete for the same 2 cores.")
     return harness.result(
         "train_variants", "1b. Step speed-ups tried on the plain loop (factorized)",
         command=ctx["command"], machine_info=ctx["machine"],
         settings={"N": N, "M": M, "batch_size": batch_size, "measured_steps": measured,
-                  "repetitions": reps, "default_threads": default_threads},
-        rows=rows, summary={r["variant"]: r["vs 1 thread median"] for r in rows},
-        notes=["torch's default here is 2 intra-op threads (= cores); with the CPU shared by "
-               "other work (load average ~6 on 2 cores), 2 threads wait on each other and a "
-               "step gets several times slower and far noisier, so every training benchmark "
-               "runs with torch.set_num_threads(1).",
-               "torch.compile was not tried: compiling this model takes minutes on 2 shared "
-               "cores, longer than the whole benchmark budget.",
-               "data loading is not the bottleneck here (crops of in-memory images, "
-               "num_workers=0); worker processes would compete for the same 2 cores."])
+                  "repetitions": reps, "default_threads": default_threads,
+                  "compile_first_step_s": compile_s},
+        rows=rows, summary=speed, notes=notes)
 
 
 def bench_scaling(ctx: dict, *, N: int, M: int, batches, warmup: int, measured: int,

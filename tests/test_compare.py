@@ -153,6 +153,14 @@ def test_runs_are_grouped_by_tag_or_param_and_ordered_by_rate():
     assert cmp.shared_metrics(curves) == ["psnr", "ms_ssim"]
 
 
+
+def test_scalable_points_are_labelled_by_alpha_and_others_by_run_name():
+    runs = [fake_run(evaluate_metrics(0.5, 30), tags={"method": "conditional", "alpha": "64.0"}),
+            fake_run(evaluate_metrics(0.3, 27), {"alpha": "0.5"}, {"method": "conditional"}),
+            fake_run(evaluate_metrics(0.4, 28), tags={"method": "conditional"}, name="eval-x")]
+    (curve,) = cmp.curves_from_runs(runs, "method")
+    assert [p.label for p in curve.points] == ["α=0.5", "eval-x", "α=64"]
+
 def test_jpeg_points_of_the_runs_make_one_reference_curve():
     runs = [fake_run(evaluate_metrics(b, p), tags={"method": "m"}) for b, p in zip(RATES, PSNRS)]
     again = fake_run(evaluate_metrics(0.4, 31.0), tags={"method": "other"})  # same JPEG point

@@ -608,3 +608,4 @@ def test_segmentation_enhancement_trains_and_evaluates_miou(runs, mlflow_server,
     assert 0 <= metrics["miou"] <= 1
     assert metrics["bpp"] == pytest.approx(metrics["bpp_base"] + metrics["bpp_enh"], rel=1e-9)
     assert evaluated.data.tags["target"] == "segmentation"
+    assert evaluated.data.tags["alpha"] == trained.data.tags["alpha"]  # compare labels points by it

@@ -140,6 +140,12 @@ def _point_label(run) -> str:
     lmbda = run.data.params.get("lmbda")
     if lmbda not in (None, "", "None"):
         return f"λ={lmbda}"
+    alpha = run.data.tags.get("alpha") or run.data.params.get("alpha")  # scalable: 1/lambda
+    if alpha not in (None, "", "None"):
+        try:
+            return f"α={float(alpha):g}"
+        except ValueError:
+            return f"α={alpha}"
     return run.info.run_name or run.info.run_id[:8]
 
 

@@ -258,7 +258,7 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         originals = recons = []
         base_config = codec.model_args.get("base", {})
         params.update({"alpha": stored.get("alpha"), "N": stored.get("N"), "M": stored.get("M")})
-        tags.update({"task": info["task"], "layer": codec.kind})
+        tags.update({"task": info["task"], "layer": codec.kind, "alpha": str(stored.get("alpha"))})
         if codec.kind == "scalable":
             tags.update({"method": codec.model_args["method"], "target": info["target"]})
             base_run = stored.get("base_run", "")

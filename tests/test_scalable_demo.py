@@ -1,0 +1,69 @@
+"""`make scalable-demo` end to end, at toy sizes: the exact script users run.
+
+The script chains ~20 processes (two detection bases, a start and fine-tuned points per curve,
+the single-layer reference, an evaluate with real layered bitstreams per point, the comparison)
+on the embedded scenes, with a real sqlite MLflow store. Steps are cut to 1-2 per run and one
+alpha, so the figures mean nothing; what is checked is the plumbing: every run is there with
+its lineage, the comparison reads exactly this invocation's evaluate runs and writes its files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_scalable_demo_trains_evaluates_and_compares_every_curve(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "BASE_STEPS": "2", "PRE_STEPS": "2", "FT_STEPS": "1", "ALPHAS": "256", "BETA": "5",
+           "IMAGE_SIZE": "64", "VAL_IMAGES": "2", "OUTPUT_DIR": str(out),
+           "MLFLOW_EXPERIMENT_NAME": "demo-test"}
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    # an evaluate run from an earlier pipeline in the same experiment must stay out of the plot
+    stale = client.create_run(client.create_experiment("demo-test"),
+                              tags={"entry_point": "evaluate", "method": "standalone"})
+    client.log_metric(stale.info.run_id, "bpp", 0.5)
+    client.log_metric(stale.info.run_id, "psnr", 99.0)
+    done = subprocess.run([str(ROOT / "scripts" / "scalable-demo")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    with open(out / "points.csv", newline="") as f:
+        points = list(csv.DictReader(f))
+    curves = sorted({p["curve"] for p in points})
+    assert curves == ["base-detection-beta0/0.0", "base-detection-beta5/5.0",
+                      "bmshj2018-hyperprior/(no beta)", "conditional/0.0", "conditional/5.0",
+                      "residual/0.0", "standalone/0.0"]
+    assert stale.info.run_id not in {p["run_id"] for p in points}
+    compared = json.loads((out / "compared_runs.json").read_text())
+    assert len(compared["run_ids"]) == len(points) == 7
+    assert (out / "rd_psnr.png").stat().st_size > 0 and (out / "bd.csv").is_file()
+    enh = [p for p in points if p["curve"].split("/")[0] in ("conditional", "residual",
+                                                              "standalone")]
+    assert {p["label"] for p in enh} == {"α=256"}
+    assert all(float(p["psnr"]) > 0 and float(p["bpp"]) > 0 for p in enh)
+
+    # lineage: every point was fine-tuned from its curve's start run, on the right base
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("demo-test").experiment_id], max_results=200)}
+    for name, start in [("conditional-beta0-a256", "conditional-beta0-start"),
+                        ("residual-beta0-a256", "residual-beta0-start"),
+                        ("standalone-beta0-a256", "standalone-beta0-start"),
+                        ("conditional-beta5-a256", "conditional-beta5-start"),
+                        ("single-layer-a256", "single-layer-start")]:
+        assert runs[name].data.tags["init_from"] == runs[start].info.run_id, name
+    assert (runs["conditional-beta5-a256"].data.tags["base_run_id"]
+            == runs["base-beta5"].info.run_id)
+    assert runs["eval-residual-beta0-a256"].data.tags["entry_point"] == "evaluate"
