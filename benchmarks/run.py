@@ -35,11 +35,12 @@ targets, in one process run on one machine; the figures below are rewritten by e
 (raw numbers in `benchmarks/results/*.json`). Each comparison alternates its sides (A B, B A,
 ...) over several repetitions and reports the median ratio with its min-max spread.
 
-Sizes are deliberately small so the whole run fits in 20 minutes on the 2 shared cores of the
-development machine (N=64/M=96, 64 px crops, embedded images downscaled to 256 px, 10-30
-measured steps, 1 torch thread (see 1b), 3 repetitions, half of Kodak, a briefly trained
-checkpoint): the ratios are meaningful, the absolute images/s are those of a toy model on a
-busy CPU.
+Sizes are deliberately small so the whole run fits in 20 minutes on the 2 cores of the
+development machine (N=64/M=96, 64 px crops, embedded images downscaled to 256 px, 10-50
+measured steps, 1 torch thread (see 1b), 3 repetitions, all 24 Kodak images, a checkpoint
+trained for 1500 steps): the ratios are meaningful, the absolute images/s are those of a toy
+model on a small CPU. Run it on an otherwise idle machine: the load average at the start is in
+the machine line, and figures taken under load are not comparable.
 """
 
 
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="taskcodec-bench-") as work:
+        # torch.compile's first step is timed from a cold cache (1b), not from an earlier run's
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(work) / "inductor-cache")
         cwd = os.getcwd()
         os.chdir(work)
         ctx = {"work": work, "machine": harness.machine(),

@@ -103,3 +103,45 @@ def test_top_imports_parses_python_importtime_output():
               "import time:        20 |       9000 | torch\n"
               "import time:        30 |         40 | click\n")
     assert top_imports(stderr, 2) == [("torch", 9000), ("json.decoder", 150)]
+
+
+def test_cpu_meters_read_a_busy_process_group_and_a_busy_thread():
+    """The /proc readers benchmark 1 uses to say what the server and the logger cost."""
+    import os
+    import subprocess
+    import threading
+
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", spin + "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE, start_new_session=True)
+    try:
+        pgid = os.getpgid(child.pid)
+        deadline = 0
+        while harness.group_cpu_seconds(pgid) < 0.5 and deadline < 200:
+            threading.Event().wait(0.05)
+            deadline += 1
+        assert harness.group_cpu_seconds(pgid) >= 0.5
+        assert harness.group_cpu_seconds(os.getpgid(0)) != harness.group_cpu_seconds(pgid)
+    finally:
+        child.communicate(b"")
+
+    spun, done = threading.Event(), threading.Event()
+    ids = []
+
+    def busy():
+        import time
+        ids.append(threading.get_native_id())
+        t = time.thread_time()
+        while time.thread_time() - t < 0.4:
+            pass
+        spun.set()
+        done.wait()
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    assert spun.wait(60)
+    assert harness.thread_cpu_seconds(ids[0]) >= 0.35
+    assert harness.thread_cpu_seconds(threading.get_native_id()) > 0  # the caller's own thread
+    done.set()
+    thread.join()
+    assert harness.thread_cpu_seconds(ids[0]) == 0.0  # gone: no error, nothing

@@ -93,6 +93,10 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+#: MLflow's limit of metrics in one log_batch call.
+MAX_BATCH = 1000
+
+
 @dataclass
 class _Item:
     kind: str  # "metrics" | "artifact" | "params" | "tags"
@@ -100,11 +104,15 @@ class _Item:
     attempts: int = 0
 
 
+_FLUSH = _Item("flush", None)  # queued by flush(): nothing to send
+
+
 class RunLogger:
     """Asynchronous, retrying logger bound to one MLflow run."""
 
     def __init__(self, run_id: str, *, uri: str | None = None, spool_dir: Path | None = None,
-                 skip_until_step: int = -1, max_backoff: float = 30.0) -> None:
+                 skip_until_step: int = -1, max_backoff: float = 30.0,
+                 metrics_interval: float = 2.0) -> None:
         from mlflow.tracking import MlflowClient
 
         self.run_id = run_id
@@ -112,6 +120,11 @@ class RunLogger:
         self.spool_dir = spool_dir
         self.skip_until_step = skip_until_step
         self.max_backoff = max_backoff
+        #: Metrics go out at most once per this many seconds, what came meanwhile in one batch:
+        #: each call costs a transaction on the server and Python work under the GIL that the
+        #: training thread waits for (benchmark 1 in BENCHMARKS.md).
+        self.metrics_interval = metrics_interval
+        self._last_metrics = -float("inf")
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._pending: list[_Item] = []
         self._failed_once = False
@@ -143,12 +156,42 @@ class RunLogger:
         self._queue.put(item)
 
     # -- consumer side ------------------------------------------------------------------------
-    def _send(self, item: _Item) -> None:
+    def _metrics_head(self) -> int:
+        """How many items at the head of the pending list are metrics that fit one batch."""
+        count = records = 0
+        for item in self._pending:
+            if item.kind != "metrics" or (count and records + len(item.payload) > MAX_BATCH):
+                break
+            count, records = count + 1, records + len(item.payload)
+        return count
+
+    def _collect(self, seconds: float) -> bool:
+        """Move what arrives in the next ``seconds`` to the pending list; True on close()."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._queue.get(timeout=left)
+            except queue.Empty:
+                return False
+            if item is None:
+                return True
+            if item is _FLUSH:
+                return False  # someone waits in flush(): send now
+            self._pending.append(item)
+        return False
+
+    def _send(self, item: _Item) -> int:
+        """Send ``item`` (with the metrics items right after it, if it is one); returns how many
+        pending items went out."""
         from mlflow.entities import Metric, Param, RunTag
 
         if item.kind == "metrics":
-            metrics = [Metric(k, v, ts, step) for k, v, ts, step in item.payload]
+            count = self._metrics_head()
+            metrics = [Metric(k, v, ts, step) for i in self._pending[:count]
+                       for k, v, ts, step in i.payload]
             self.client.log_batch(self.run_id, metrics=metrics)
+            self._last_metrics = time.monotonic()
+            return count
         elif item.kind == "params":
             self.client.log_batch(self.run_id,
                                   params=[Param(k, str(v)) for k, v in item.payload.items()])
@@ -164,6 +207,7 @@ class RunLogger:
                     path.parent.rmdir()
                 except OSError:
                     pass  # not empty: someone else's files
+        return 1
 
     def _work(self) -> None:
         stop = False
@@ -172,15 +216,17 @@ class RunLogger:
                 item = self._queue.get(timeout=0.2 if self._pending else None)
                 if item is None:
                     stop = True
-                else:
+                elif item is not _FLUSH:
                     self._pending.append(item)
             except queue.Empty:
                 pass
             while self._pending:
                 item = self._pending[0]
+                wait = self._last_metrics + self.metrics_interval - time.monotonic()
+                if item.kind == "metrics" and not stop and wait > 0 and not item.attempts:
+                    stop = self._collect(wait)
                 try:
-                    self._send(item)
-                    self._pending.pop(0)
+                    del self._pending[:self._send(item)]
                     if self._failed_once:
                         log.warning("tracking server reachable again; pending logs sent")
                         self._failed_once = False
@@ -208,7 +254,7 @@ class RunLogger:
         items = queued + list(self._pending)
         seen = {}
         for item in items:
-            if item is not None and item.kind == "metrics":
+            if item is not None and item is not _FLUSH and item.kind == "metrics":
                 for record in item.payload:
                     seen[(record[0], record[3])] = tuple(record)
         return list(seen.values())
@@ -226,6 +272,7 @@ class RunLogger:
 
     def flush(self, timeout: float = 60.0) -> bool:
         """Wait until everything queued so far was sent; False if it could not be in time."""
+        self._queue.put(_FLUSH)  # cuts short the wait for more metrics
         return self._idle.wait(timeout)
 
     def close(self, timeout: float = 60.0) -> list[str]:
@@ -238,7 +285,7 @@ class RunLogger:
         left = list(self._pending)
         while not self._queue.empty():
             item = self._queue.get_nowait()
-            if item is not None:
+            if item is not None and item is not _FLUSH:
                 left.append(item)
         if not left:
             return []
