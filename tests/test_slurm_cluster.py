@@ -154,6 +154,7 @@ def test_requeued_job_resumes_its_run_without_losing_or_repeating_steps(cluster_
     then an external `scontrol requeue`: one MLflow run, steps 1..N each logged once."""
     steps = 300
     out = cli("slurm-launch", "train", *TINY, "-P", f"max_steps={steps}", "--name", "requeue",
+              "-e", "TASKCODEC_METRICS_INTERVAL=0",  # every step's loss at once: signal early
               "--output-dir", str(tmp_path / "logs")).stdout
     ((task, run_id, _),) = launched(out)
     uri = cluster_env.uri

@@ -653,3 +653,17 @@ def test_logger_sends_other_calls_in_order_between_metric_batches(tmp_path):
     run = client.get_run(run_id)
     assert run.data.tags["phase"] == "after-2"
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2, 3]
+
+
+def test_metrics_interval_comes_from_the_environment_and_bad_values_are_one_line(monkeypatch):
+    from taskcodec.errors import TrackingError
+    from taskcodec.tracking import metrics_interval_from_env
+
+    monkeypatch.delenv("TASKCODEC_METRICS_INTERVAL", raising=False)
+    assert metrics_interval_from_env() == 2.0
+    monkeypatch.setenv("TASKCODEC_METRICS_INTERVAL", "0")
+    assert metrics_interval_from_env() == 0.0
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("TASKCODEC_METRICS_INTERVAL", bad)
+        with pytest.raises(TrackingError, match=f"TASKCODEC_METRICS_INTERVAL='{bad}'"):
+            metrics_interval_from_env()

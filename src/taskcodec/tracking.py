@@ -93,6 +93,20 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def metrics_interval_from_env() -> float:
+    """``$TASKCODEC_METRICS_INTERVAL``: least seconds between two metric calls (default 2)."""
+    raw = os.environ.get("TASKCODEC_METRICS_INTERVAL", "").strip()
+    if not raw:
+        return 2.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:
+        raise TrackingError(f"TASKCODEC_METRICS_INTERVAL={raw!r} is not a number of seconds "
+                            "between 0 and 3600")
+    return value
+
 #: MLflow's limit of metrics in one log_batch call.
 MAX_BATCH = 1000
 
@@ -112,7 +126,7 @@ class RunLogger:
 
     def __init__(self, run_id: str, *, uri: str | None = None, spool_dir: Path | None = None,
                  skip_until_step: int = -1, max_backoff: float = 30.0,
-                 metrics_interval: float = 2.0) -> None:
+                 metrics_interval: float | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
         self.run_id = run_id
@@ -123,7 +137,8 @@ class RunLogger:
         #: Metrics go out at most once per this many seconds, what came meanwhile in one batch:
         #: each call costs a transaction on the server and Python work under the GIL that the
         #: training thread waits for (benchmark 1 in BENCHMARKS.md).
-        self.metrics_interval = metrics_interval
+        self.metrics_interval = (metrics_interval if metrics_interval is not None
+                                 else metrics_interval_from_env())
         self._last_metrics = -float("inf")
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._pending: list[_Item] = []
