@@ -8,10 +8,12 @@ tracking server ask for ``mlflow_server``: it is started once per session with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,24 +119,52 @@ def _reset_mlflow_globals() -> None:
     mlflow.tracking.fluent._active_experiment_id = None
 
 
+def _test_env(mp: pytest.MonkeyPatch, tracking_uri: str, work: Path) -> None:
+    """The environment every test runs in: its tracking store, its data cache under ``work``,
+    none of the caller's experiment or run variables, quiet progress bars."""
+    mp.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    for name in _LEAKY_MLFLOW_VARS:
+        mp.delenv(name, raising=False)
+    mp.setenv("TASKCODEC_DATA_CACHE", str(work / "data-cache"))
+    mp.setenv("TQDM_DISABLE", "1")
+    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    mp.setenv("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes for git; no warning if absent
+
+
 @pytest.fixture(autouse=True)
 def isolated_env(request, monkeypatch, tmp_path):
     """Give each test its own tracking store and data cache, and silence the noisy parts.
 
     ``MLFLOW_TRACKING_URI`` is a fresh sqlite file under ``tmp_path``, or the session server's
     URI when the test uses ``mlflow_server``. Experiment and run variables from the caller's
-    shell are removed, so runs go where the test says. Add new variables here, not in tests.
+    shell are removed, so runs go where the test says. Add new variables in ``_test_env``.
     """
     if "mlflow_server" in request.fixturenames:
         tracking_uri = request.getfixturevalue("mlflow_server").uri
     else:
         tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
-    for name in _LEAKY_MLFLOW_VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TASKCODEC_DATA_CACHE", str(tmp_path / "data-cache"))
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")  # mlflow probes for git; no warning if absent
+    _test_env(monkeypatch, tracking_uri, tmp_path)
     yield
     _reset_mlflow_globals()
+
+
+@contextlib.contextmanager
+def _module_env(tracking_uri: str, work: Path, experiment: str) -> Iterator[None]:
+    """What ``isolated_env`` gives a test, for a module-scoped fixture that trains: runs go to
+    ``tracking_uri`` under ``experiment``, ``work`` is the working and temporary folder
+    (checkpoints land in ./checkpoints, a sqlite store's artifacts in ./mlruns)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _test_env(mp, tracking_uri, work)
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+        mp.setattr(tempfile, "tempdir", str(work))
+        mp.chdir(work)
+        try:
+            yield
+        finally:
+            _reset_mlflow_globals()
+
+
+@pytest.fixture(scope="session")
+def module_env():
+    """``_module_env`` as a fixture: ``with module_env(uri, folder, "experiment"): train(...)``."""
+    return _module_env

@@ -19,27 +19,18 @@ TASKCODEC = str(Path(sys.executable).parent / "taskcodec")
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
+def checkpoints(tmp_path_factory, module_env) -> dict[str, Path]:
     """``best.pt`` of two tiny training runs that differ only in their seed."""
-    import mlflow
-
     from taskcodec.config import TrainConfig
     from taskcodec.engine import train
 
     folder = tmp_path_factory.mktemp("cli-codec-runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        mp.setenv("MLFLOW_EXPERIMENT_NAME", "test-cli-codec")
-        mp.setenv("TQDM_DISABLE", "1")
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(folder)  # the sqlite store keeps artifacts in ./mlruns
+    with module_env(f"sqlite:///{folder / 'mlflow.db'}", folder, "test-cli-codec"):
         for name, seed in (("a", 0), ("b", 1)):
             train(TrainConfig.from_dict({
                 "N": 8, "M": 8, "patch_size": 32, "batch_size": 2, "epochs": 1,
                 "epoch_length": 4, "max_val_images": 1, "max_side": 128, "seed": seed,
                 "checkpoint_dir": str(folder / name)}))
-        mlflow.set_tracking_uri(None)
-        mlflow.tracking.fluent._active_experiment_id = None
     return {name: folder / name / "best.pt" for name in ("a", "b")}
 
 

@@ -18,26 +18,17 @@ HYPERPRIORS = {"bmshj2018-hyperprior", "mbt2018-mean"}
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
+def trained(tmp_path_factory, module_env) -> dict:
     """``best.pt`` of a two-step training run per codec (one sqlite store for all)."""
-    import mlflow
-
     from taskcodec.engine import train
 
     folder = tmp_path_factory.mktemp("codec-runs")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-        mp.setenv("MLFLOW_EXPERIMENT_NAME", "test-codecs")
-        mp.setenv("TQDM_DISABLE", "1")
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(folder)  # the sqlite store keeps artifacts in ./mlruns
+    with module_env(f"sqlite:///{folder / 'mlflow.db'}", folder, "test-codecs"):
         for name in CODECS:
             train(TrainConfig.from_dict({
                 "codec": name, "N": N, "M": M, "patch_size": 64, "batch_size": 2, "epochs": 1,
                 "epoch_length": 4, "max_val_images": 1, "max_side": 128,
                 "checkpoint_dir": str(folder / name)}))
-        mlflow.set_tracking_uri(None)
-        mlflow.tracking.fluent._active_experiment_id = None
     return {name: folder / name / "best.pt" for name in CODECS}
 
 

@@ -396,20 +396,6 @@ class Runs:
     work: Path
 
 
-def server_env(mp: pytest.MonkeyPatch, uri: str, work: Path, experiment: str) -> None:
-    """What conftest's ``isolated_env`` does per test, for a module-scoped fixture."""
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
-    for name in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"):
-        mp.delenv(name, raising=False)
-    mp.setenv("TASKCODEC_DATA_CACHE", str(work / "data-cache"))
-    mp.setenv("TQDM_DISABLE", "1")
-    mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-    mp.setenv("GIT_PYTHON_REFRESH", "quiet")
-    mp.setattr(tempfile, "tempdir", str(work))
-    mp.chdir(work)  # checkpoints go to ./checkpoints/RUN_ID
-
-
 def run_id_from(stdout: str) -> str:
     run_id = stdout.strip().splitlines()[-1].split()[-1]
     assert len(run_id) == 32, stdout
@@ -417,11 +403,10 @@ def run_id_from(stdout: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(mlflow_server, tmp_path_factory) -> Runs:
+def runs(mlflow_server, tmp_path_factory, module_env) -> Runs:
     """A detection base (train-base) and a conditional enhancement on it, fetched by run id."""
     work = tmp_path_factory.mktemp("scalable-runs")
-    with pytest.MonkeyPatch.context() as mp:
-        server_env(mp, mlflow_server.uri, work, "scalable-tests")
+    with module_env(mlflow_server.uri, work, "scalable-tests"):
         base = run_id_from(run_ok("train-base", "--task", "detection", *TINY))
         enhancement = run_id_from(run_ok("train-enhancement", "--base-run", base,
                                          "--method", "conditional", "--alpha", "0.01", *TINY))
@@ -429,11 +414,10 @@ def runs(mlflow_server, tmp_path_factory) -> Runs:
 
 
 @pytest.fixture(scope="module")
-def codec_run(mlflow_server, tmp_path_factory) -> str:
+def codec_run(mlflow_server, tmp_path_factory, module_env) -> str:
     """A plain single-layer ``train`` run."""
     work = tmp_path_factory.mktemp("codec-run")
-    with pytest.MonkeyPatch.context() as mp:
-        server_env(mp, mlflow_server.uri, work, "scalable-tests")
+    with module_env(mlflow_server.uri, work, "scalable-tests"):
         return run_id_from(run_ok("train", "--N", "8", "--M", "8", "--patch-size", "32",
                                   "--batch-size", "2", "--max-steps", "1",
                                   "--max-val-images", "1", "--max-side", "128"))
