@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from benchmarks import harness
-from benchmarks.plain_loop import MODELS
+from benchmarks.plain_loop import MODELS, pad64
 
 #: The 24 Kodak images: ../shared/data/kodak beside the clone, or $TASKCODEC_KODAK.
 KODAK = Path(os.environ.get("TASKCODEC_KODAK")
@@ -45,13 +44,6 @@ def compressai_model(ckpt_path: Path):
     return model
 
 
-def _pad(x: torch.Tensor):
-    h, w = x.shape[-2:]
-    eh, ew = -h % 64, -w % 64
-    top, left = eh // 2, ew // 2
-    return F.pad(x, (left, ew - left, top, eh - top)), (top, left)
-
-
 def _run_taskcodec(codec, x: torch.Tensor):
     start = time.perf_counter()
     data = codec.compress(x)
@@ -62,7 +54,7 @@ def _run_taskcodec(codec, x: torch.Tensor):
 
 def _run_compressai(model, x: torch.Tensor):
     h, w = x.shape[-2:]
-    padded, (top, left) = _pad(x)
+    padded, (top, left) = pad64(x)
     start = time.perf_counter()
     with torch.no_grad():
         out = model.compress(padded)
@@ -96,7 +88,7 @@ def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]
         header, layers = bitstream.unpack(data)
         payload = sum(layer.payload_size for layer in layers)
         with torch.no_grad():
-            likelihoods = codec.model(_pad(x)[0])["likelihoods"]
+            likelihoods = codec.model(pad64(x)[0])["likelihoods"]
         est_bits = float(sum(-torch.log2(v).sum() for v in likelihoods.values()))
         enc_ratio.append(times["cai"][0] / times["tc"][0])
         dec_ratio.append(times["cai"][1] / times["tc"][1])

@@ -79,6 +79,15 @@ def train_plain(codec: str, N: int, M: int, dataset, *, batch_size: int, steps: 
     return result
 
 
+
+def pad64(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Zero-pad ``x`` to a multiple of 64 on both sides, centred as CompressAI's eval_model
+    pads; returns the padded tensor and the (top, left) offsets of the image in it."""
+    h, w = x.shape[-2:]
+    eh, ew = -h % 64, -w % 64
+    top, left = eh // 2, ew // 2
+    return F.pad(x, (left, ew - left, top, eh - top)), (top, left)
+
 def validate_plain(model: nn.Module, images, lmbda: float = 0.013) -> float:
     """Mean RD loss over whole images, zero-padded to a multiple of 64 as CompressAI's
     eval_model pads, the loss taken on the crop back to the image."""
@@ -88,9 +97,7 @@ def validate_plain(model: nn.Module, images, lmbda: float = 0.013) -> float:
         for x in images:
             x = x.unsqueeze(0)
             h, w = x.shape[-2:]
-            eh, ew = -h % 64, -w % 64
-            top, left = eh // 2, ew // 2
-            padded = F.pad(x, (left, ew - left, top, eh - top))
+            padded, (top, left) = pad64(x)
             out = model(padded)
             x_hat = out["x_hat"][..., top:top + h, left:left + w].clamp(0, 1)
             total += float(rd_loss({"x_hat": x_hat, "likelihoods": out["likelihoods"]}, x,

@@ -38,8 +38,6 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # prints only the run id (RUN=$(taskcodec train ...)); the URL is in the UI anyway.
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# MLflow prints run links on stdout when a run ends; stdout carries run ids for scripts.
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def tracking_uri() -> str:
@@ -106,6 +104,7 @@ def metrics_interval_from_env() -> float:
         raise TrackingError(f"TASKCODEC_METRICS_INTERVAL={raw!r} is not a number of seconds "
                             "between 0 and 3600")
     return value
+
 
 #: MLflow's limit of metrics in one log_batch call.
 MAX_BATCH = 1000
@@ -269,7 +268,7 @@ class RunLogger:
         items = queued + list(self._pending)
         seen = {}
         for item in items:
-            if item is not None and item is not _FLUSH and item.kind == "metrics":
+            if item is not None and item.kind == "metrics":  # _FLUSH's kind is "flush"
                 for record in item.payload:
                     seen[(record[0], record[3])] = tuple(record)
         return list(seen.values())
