@@ -667,3 +667,20 @@ def test_metrics_interval_comes_from_the_environment_and_bad_values_are_one_line
         monkeypatch.setenv("TASKCODEC_METRICS_INTERVAL", bad)
         with pytest.raises(TrackingError, match=f"TASKCODEC_METRICS_INTERVAL='{bad}'"):
             metrics_interval_from_env()
+
+
+def test_a_bad_metrics_interval_is_refused_before_a_run_is_created(monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from taskcodec.config import TrainConfig
+    from taskcodec.engine import train
+    from taskcodec.errors import TrackingError
+
+    monkeypatch.setenv("TASKCODEC_METRICS_INTERVAL", "often")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "bad-interval")
+    with pytest.raises(TrackingError, match="TASKCODEC_METRICS_INTERVAL='often'"):
+        train(TrainConfig.from_dict({"N": 8, "M": 8, "patch_size": 32, "batch_size": 2,
+                                     "max_steps": 1, "max_val_images": 1, "max_side": 128}))
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("bad-interval")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])

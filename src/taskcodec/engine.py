@@ -134,6 +134,7 @@ class Trainer:
         tracking.check_reachable(uri)
         mlflow.set_tracking_uri(uri)
         self.recipe.prepare()  # refuse a bad base run before a run is created
+        metrics_interval = tracking.metrics_interval_from_env()  # and a bad interval
         resume_id = config.resume or os.environ.get("TASKCODEC_RESUME_RUN_ID", "")
         run_id = resume_id or os.environ.get("MLFLOW_RUN_ID", "")
         client = mlflow.tracking.MlflowClient(uri)
@@ -159,7 +160,7 @@ class Trainer:
                                               "checkpoint_dir": str(self.ckpt_dir)}), self.dist)
         skip = tracking.logged_max_step(run_id, "loss", uri) if ckpt is not None else -1
         self.logger = tracking.RunLogger(run_id, uri=uri, spool_dir=self.ckpt_dir,
-                                         skip_until_step=skip)
+                                         skip_until_step=skip, metrics_interval=metrics_interval)
         if ckpt is not None and ckpt.get("unsent_metrics"):
             # Logged before the checkpoint but never sent: a killed process left a gap.
             self.logger.resend_metrics(ckpt["unsent_metrics"])
