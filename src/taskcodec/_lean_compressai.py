@@ -1,0 +1,111 @@
+"""Keep ``import compressai`` from importing torch-geometric, which taskcodec never uses.
+
+compressai 1.2.8's package ``__init__`` imports its point-cloud data sets, transforms and
+registry entries, and those import torch-geometric (and through it ``torch._dynamo``): about
+8 s of an 11.8 s ``import compressai`` on the development machine, paid by every CLI start.
+
+The mechanism: while ``compressai`` itself is being imported, a meta-path finder answers
+``import torch_geometric[.x]`` (and torchvision, see ``_PACKAGES``) with an empty stand-in
+module whose every public name is an inert placeholder class (usable as a base class, a
+decorator factory or a type hint: all that compressai's point-cloud modules do with them at
+import time). As soon as that import finishes,
+the stand-ins are dropped from ``sys.modules`` and the finder removes itself, so a later real
+``import torch_geometric`` or ``import torchvision`` gets the real package. Nothing installed is modified; only
+compressai's point-cloud classes in this process are inert (taskcodec codes images only).
+``TASKCODEC_FULL_COMPRESSAI=1`` turns the mechanism off.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import types
+
+# torch-geometric: point clouds only. torchvision: compressai's import reads only the names of
+# ``torchvision.transforms`` into its transform registry, which taskcodec does not use; the
+# real torchvision is imported later by whatever needs it (task heads, image-space networks).
+_PACKAGES = ("torch_geometric", "torchvision")
+
+
+def _covered(fullname: str, packages) -> bool:
+    return any(fullname == p or fullname.startswith(p + ".") for p in packages)
+
+
+class _Inert:
+    """Stands for any torch-geometric class or function at compressai's import time."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, obj=None, *args, **kwargs):  # used as a decorator factory's result
+        return obj
+
+
+def _stand_in(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__path__ = []  # a package, so that submodule imports reach the finder
+    module.__taskcodec_stand_in__ = True
+
+    def __getattr__(attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        inert = type(attr, (_Inert,), {"__module__": name})
+        setattr(module, attr, inert)
+        return inert
+
+    module.__getattr__ = __getattr__
+    return module
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def __init__(self, packages):
+        self.packages = packages
+
+    def find_spec(self, fullname, path=None, target=None):
+        if _covered(fullname, self.packages):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _stand_in(spec.name)
+
+    def exec_module(self, module):
+        pass
+
+
+class _LeanCompressaiFinder(importlib.abc.MetaPathFinder):
+    """Finds the real ``compressai`` and runs its ``__init__`` with the stand-in finder armed."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "compressai":
+            return None
+        sys.meta_path.remove(self)  # one-shot
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        packages = tuple(p for p in _PACKAGES if p not in sys.modules)  # never shadow a loaded one
+        if spec is None or spec.loader is None or not packages:
+            return spec
+        real_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            stand_ins = _StandInFinder(packages)
+            sys.meta_path.insert(0, stand_ins)
+            try:
+                real_exec(module)
+            finally:
+                sys.meta_path.remove(stand_ins)
+                for key in [k for k in sys.modules if _covered(k, packages)]:
+                    if getattr(sys.modules[key], "__taskcodec_stand_in__", False):
+                        del sys.modules[key]
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Arm the one-shot finder (idempotent); a no-op once compressai is imported."""
+    if os.environ.get("TASKCODEC_FULL_COMPRESSAI") == "1" or "compressai" in sys.modules:
+        return
+    if not any(isinstance(f, _LeanCompressaiFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _LeanCompressaiFinder())
