@@ -8,10 +8,10 @@ The mechanism: while ``compressai`` itself is being imported, a meta-path finder
 ``import torch_geometric[.x]`` (and torchvision, see ``_PACKAGES``) with an empty stand-in
 module whose every public name is an inert placeholder class (usable as a base class, a
 decorator factory or a type hint: all that compressai's point-cloud modules do with them at
-import time). As soon as that import finishes,
-the stand-ins are dropped from ``sys.modules`` and the finder removes itself, so a later real
-``import torch_geometric`` or ``import torchvision`` gets the real package. Nothing installed is modified; only
-compressai's point-cloud classes in this process are inert (taskcodec codes images only).
+import time). As soon as that import finishes, the stand-ins are dropped from ``sys.modules``
+and the finder removes itself, so a later real ``import torch_geometric`` or ``import
+torchvision`` gets the real package. Nothing installed is modified; only compressai's
+point-cloud classes in this process are inert (taskcodec codes images only).
 ``TASKCODEC_FULL_COMPRESSAI=1`` turns the mechanism off.
 """
 
