@@ -513,3 +513,41 @@ def test_early_stopping_ends_training_before_the_last_epoch(tmp_path, monkeypatc
     assert steps(run_id, "loss") == list(range(1, 7))
     last = load_checkpoint(tmp_path / "ckpt" / "last.pt")
     assert (last["epoch"], last["step"], last["bad_validations"]) == (3, 6, 2)
+
+
+def test_resume_of_a_finished_run_is_a_no_op_and_a_larger_budget_is_recorded(tmp_path, monkeypatch, caplog):
+    ckpt_dir = str(tmp_path / "ckpt")
+    run_id = train_in_process(tmp_path, monkeypatch, epochs=50, epoch_length=4, max_steps=4,
+                              checkpoint_dir=ckpt_dir)
+    assert steps(run_id, "loss") == [1, 2, 3, 4]
+    for _ in range(2):  # a requeue after completion, twice: no step more
+        assert train_in_process(tmp_path, monkeypatch, epochs=50, epoch_length=4, max_steps=4,
+                                resume=run_id) == run_id
+    assert steps(run_id, "loss") == [1, 2, 3, 4]
+    assert load_checkpoint(tmp_path / "ckpt" / "last.pt")["step"] == 4
+    assert f"run {run_id} is already complete (step 4 of max_steps=4)" in caplog.text
+    assert "resumed.max_steps" not in client().get_run(run_id).data.tags
+
+    train_in_process(tmp_path, monkeypatch, epochs=50, epoch_length=4, max_steps=6, resume=run_id)
+    assert steps(run_id, "loss") == [1, 2, 3, 4, 5, 6]
+    run = client().get_run(run_id)
+    assert run.data.params["max_steps"] == "4"  # MLflow params cannot change ...
+    assert run.data.tags["resumed.max_steps"] == "6"  # ... so the new budget is a tag
+    assert run.info.status == "FINISHED"
+
+
+def test_resume_refuses_a_setting_the_run_cannot_change(tmp_path, monkeypatch):
+    from taskcodec.errors import ConfigError
+
+    run_id = train_in_process(tmp_path, monkeypatch, epochs=50, epoch_length=4, max_steps=2,
+                              checkpoint_dir=str(tmp_path / "ckpt"))
+    with pytest.raises(ConfigError) as err:
+        train_in_process(tmp_path, monkeypatch, epochs=50, epoch_length=4, max_steps=4,
+                         lmbda=0.5, resume=run_id)
+    assert str(err.value) == (
+        f"lmbda=0.5 conflicts with run {run_id}, which was trained with lmbda=0.013: a resumed run "
+        "keeps its settings (only epochs, max_steps, num_workers, device, log_every, checkpoint_every, "
+        f"early_stop_patience, checkpoint_dir may change); to train with lmbda=0.5, start a new run "
+        f"with --init-from {run_id}")
+    assert steps(run_id, "loss") == [1, 2]  # nothing trained
+    assert client().get_run(run_id).info.status == "FINISHED"  # and the run was not reopened

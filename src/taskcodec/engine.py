@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75
 _RESUMABLE = ("epochs", "max_steps", "num_workers", "device", "log_every", "checkpoint_every",
               "early_stop_patience", "checkpoint_dir")
+# Settings that name the run rather than shape it: never a conflict on resume.
+_IDENTITY = ("resume", "run_name")
 
 
 def progress_enabled() -> bool:
@@ -103,6 +105,7 @@ class Trainer:
         self.config = config
         self.recipe = recipe or recipe_for(config)
         self.dist = distributed.init(config.device)
+        self.resumed_with: dict = {}  # resumable settings that a resume changed
         self.device = distributed.device(self.dist, config.device) if self.dist.enabled \
             else pick_device(config.device)
 
@@ -138,24 +141,26 @@ class Trainer:
         resume_id = config.resume or os.environ.get("TASKCODEC_RESUME_RUN_ID", "")
         run_id = resume_id or os.environ.get("MLFLOW_RUN_ID", "")
         client = mlflow.tracking.MlflowClient(uri)
+        ckpt = None
         if run_id:
             try:
-                client.get_run(run_id)
+                stored_run = client.get_run(run_id)
             except Exception:
                 raise TrackingError(f"cannot resume: no MLflow run {run_id!r} at {uri}") from None
+            # A resumed run keeps the checkpoint folder it was started with unless told otherwise.
+            started_with = stored_run.data.params.get("checkpoint_dir", "")
+            self.ckpt_dir = Path(config.checkpoint_dir or started_with or Path("checkpoints") / run_id)
+            ckpt = self._find_resume_checkpoint(run_id, uri)
+            if ckpt is None and resume_id:
+                log.warning("run %s has no checkpoint yet: starting it from scratch", run_id)
+            if ckpt is not None:  # a conflicting setting is refused before the run is touched
+                self._adopt_stored_config(ckpt["config"], run_id=run_id)
             active = mlflow.start_run(run_id=run_id)
         else:
             mlflow.set_experiment(tracking.experiment_name())
             active = mlflow.start_run(run_name=config.run_name or None)
+            self.ckpt_dir = Path(config.checkpoint_dir or Path("checkpoints") / active.info.run_id)
         run_id = active.info.run_id
-        # A resumed run keeps the checkpoint folder it was started with unless told otherwise.
-        started_with = client.get_run(run_id).data.params.get("checkpoint_dir", "")
-        self.ckpt_dir = Path(config.checkpoint_dir or started_with or Path("checkpoints") / run_id)
-        ckpt = self._find_resume_checkpoint(run_id, uri)
-        if ckpt is None and resume_id:
-            log.warning("run %s has no checkpoint yet: starting it from scratch", run_id)
-        if ckpt is not None:
-            self._adopt_stored_config(ckpt["config"])
         distributed.broadcast((run_id, ckpt, {**self.config.to_dict(),
                                               "checkpoint_dir": str(self.ckpt_dir)}), self.dist)
         skip = tracking.logged_max_step(run_id, "loss", uri) if ckpt is not None else -1
@@ -169,6 +174,8 @@ class Trainer:
                                 if k not in already})
         self.logger.set_tags({**self.recipe.tags(), "entry_point": self.config.entry_point,
                               **tracking.environment_tags()})
+        if self.resumed_with:  # params are immutable in MLflow: the new values go in tags
+            self.logger.set_tags({f"resumed.{k}": str(v) for k, v in self.resumed_with.items()})
         status = "FAILED"
         try:
             signals.install()
@@ -197,14 +204,30 @@ class Trainer:
             return checkpoints.load(path)
         return None
 
-    def _adopt_stored_config(self, stored: dict) -> None:
-        """A resumed run keeps its settings; only how long/where it runs may change."""
+    def _adopt_stored_config(self, stored: dict, run_id: str = "") -> None:
+        """A resumed run keeps its settings; only how long/where it runs may change.
+
+        With ``run_id`` (the run's owner), a setting given explicitly that the run cannot change
+        (``--lmbda 0.5`` on a λ = 0.013 run) is refused instead of silently ignored.
+        """
         given = self.config
         cls = type(given)
         # Only what the user set (a value other than the default) overrides the stored setting:
         # `train --resume RUN_ID` alone must not reset max_steps, log_every, ... to defaults.
         defaults = {f.name: f.default for f in cls.fields()}
+        if run_id:
+            for f in cls.fields():
+                value = getattr(given, f.name)
+                if (f.name in _RESUMABLE or f.name in _IDENTITY or f.name not in stored
+                        or value == defaults[f.name] or value == stored[f.name]):
+                    continue
+                raise ConfigError(
+                    f"{f.name}={value} conflicts with run {run_id}, which was trained with "
+                    f"{f.name}={stored[f.name]}: a resumed run keeps its settings (only "
+                    f"{', '.join(_RESUMABLE)} may change); to train with {f.name}={value}, "
+                    f"start a new run with --init-from {run_id}")
         changed = {k: getattr(given, k) for k in _RESUMABLE if getattr(given, k) != defaults[k]}
+        self.resumed_with = {k: v for k, v in changed.items() if stored.get(k) != v}
         merged = {**stored, **changed, "resume": given.resume}
         self.config = cls.from_dict({k: v for k, v in merged.items()
                                      if k in {f.name for f in cls.fields()}})
@@ -232,6 +255,11 @@ class Trainer:
                                step=ckpt["step"], best=ckpt.get("best"),
                                bad_validations=ckpt.get("bad_validations", 0))
             log.info("resuming run %s at epoch %d, step %d", run_id, state.epoch, state.step)
+            done = _budget_used(config, state)
+            if done:  # a requeue after completion: nothing to train, nothing to log twice
+                log.warning("run %s is already complete (%s): nothing to train; resume with a "
+                            "larger --max-steps or --epochs to train it further", run_id, done)
+                return
         elif config.init_from:
             init_weights(model, config.init_from)
             self.logger.set_tags({"init_from": config.init_from})
@@ -400,6 +428,17 @@ class Trainer:
         staging.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, staging / path.name)
         self.logger.log_artifact(staging / path.name, checkpoints.ARTIFACT_DIR, remove_after=True)
+
+
+def _budget_used(config: LoopConfig, state: TrainState) -> str:
+    """Why a run whose loop state is ``state`` has nothing left to train ('' if it has)."""
+    if config.max_steps and state.step >= config.max_steps:
+        return f"step {state.step} of max_steps={config.max_steps}"
+    if state.epoch >= config.epochs:
+        return f"epoch {state.epoch} of epochs={config.epochs}"
+    if config.early_stop_patience and state.bad_validations >= config.early_stop_patience:
+        return f"stopped early after {state.bad_validations} validations without improvement"
+    return ""
 
 
 def _version() -> str:
