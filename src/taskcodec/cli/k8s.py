@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import click
 
 from taskcodec.cli.errors import Command
+from taskcodec.cli.options import job_options
 from taskcodec.launch import k8s
 from taskcodec.launch.spec import JobSpec, parse_assignments, parse_sweep
 
@@ -45,10 +46,7 @@ def _connect(context: str, kubeconfig: str) -> k8s.Cluster:
 
 @click.command(cls=Command, context_settings=_CONTEXT)
 @click.argument("entry_point", metavar="ENTRY_POINT")
-@click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="entry point parameter (repeatable); any setting of `taskcodec train`")
-@click.option("--sweep", multiple=True, metavar="NAME=V1,V2,...",
-              help="one run per value (repeatable: the cross product)")
+@job_options("pod", "written into the manifest, so never credentials: use --secret-env")
 @click.option("--sweep-mode", type=click.Choice(["indexed", "jobs"]), default="indexed",
               show_default=True, help="one Indexed Job, or one Job per combination")
 @click.option("--parallelism", type=int, default=0, metavar="N",
@@ -82,19 +80,8 @@ def _connect(context: str, kubeconfig: str) -> k8s.Cluster:
                    "from it)")
 @click.option("--mount-path", default=k8s.DEFAULT_MOUNT, show_default=True, metavar="PATH",
               help="where the volume is mounted")
-@click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
-              help="environment variable (repeatable; never credentials)")
-@click.option("--pass-env", multiple=True, metavar="NAME",
-              help="give the pods this variable's value in your environment (repeatable; "
-                   "written into the manifest, so never credentials: use --secret-env)")
 @click.option("--secret-env", multiple=True, metavar="NAME=SECRET:KEY",
               help="environment variable from a key of a Secret (repeatable)")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="", metavar="URI",
-              help="MLflow server the pods log to [env: MLFLOW_TRACKING_URI]")
-@click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default=_DEFAULT_EXPERIMENT,
-              show_default=True, metavar="NAME", help="[env: MLFLOW_EXPERIMENT_NAME]")
-@click.option("--run-id", default="", metavar="RUN_ID",
-              help="continue this MLflow run (from its last checkpoint) instead of a new one")
 @click.option("--name", "prefix", default="taskcodec", show_default=True, metavar="PREFIX",
               help="job name prefix (the job is PREFIX-ENTRY_POINT-DATE-TIME)")
 @click.option("--job-name", default="", metavar="NAME", help="exact job name instead")
@@ -114,7 +101,7 @@ def _connect(context: str, kubeconfig: str) -> k8s.Cluster:
               help="print the manifest(s) as YAML and stop: nothing is sent, no run created")
 def launch(entry_point, params, sweep, sweep_mode, parallelism, image, pull_policy,
            image_pull_secret, gpus, gpu_type, gpu_resource, cpus, cpu_limit, memory,
-           memory_limit, shm_size, node_selector, toleration, volume_claim, mount_path, env,
+           memory_limit, shm_size, node_selector, toleration, volume_claim, mount_path, env_items,
            pass_env, secret_env, tracking_uri, experiment, run_id, prefix, job_name, time, ttl,
            backoff_limit, grace_period, service_account, label, namespace, context, kubeconfig,
            dry_run):
@@ -135,10 +122,11 @@ def launch(entry_point, params, sweep, sweep_mode, parallelism, image, pull_poli
       k8s-launch train --gpus 4 --gpu-type NVIDIA-A100-SXM4-80GB --toleration dedicated=ml:NoSchedule
     """
     spec = JobSpec(entry_point=entry_point, params=parse_assignments(params),
-                   sweep=parse_sweep(sweep), name=prefix, experiment=experiment,
-                   tracking_uri=tracking_uri, run_id=run_id, gpus=gpus, gpu_type=gpu_type,
+                   sweep=parse_sweep(sweep), name=prefix,
+                   experiment=experiment or _DEFAULT_EXPERIMENT, tracking_uri=tracking_uri or "",
+                   run_id=run_id or "", gpus=gpus, gpu_type=gpu_type,
                    cpus=cpus, memory=memory, time=time, image=image,
-                   env=parse_assignments(env, "--env"), pass_env=list(pass_env))
+                   env=parse_assignments(env_items, "--env"), pass_env=list(pass_env))
     now = datetime.now(UTC)
     opts = k8s.K8sOptions(
         job_name=job_name or k8s.default_job_name(prefix, entry_point, now),

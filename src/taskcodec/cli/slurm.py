@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from taskcodec.cli.errors import one_line_errors
+from taskcodec.cli.options import job_options
 from taskcodec.errors import ConfigError, TaskcodecError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -95,10 +96,7 @@ _CONFIG = click.option("--config", "config_file", metavar="FILE", default="",
 
 @click.command(context_settings=CONTEXT)
 @click.argument("entry_point")
-@click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="entry point parameter (repeatable)")
-@click.option("--sweep", multiple=True, metavar="NAME=V1,V2,...",
-              help="one array task (and MLflow run) per combination (repeatable)")
+@job_options("array task", "not written into the script, so also for credentials")
 @click.option("--name", "-J", default=None, help="job name [default: taskcodec-ENTRY_POINT]")
 @click.option("--account", "-A", default=None, help="Slurm account (e.g. def-someprof)")
 @click.option("--partition", "-p", default=None)
@@ -115,13 +113,6 @@ _CONFIG = click.option("--config", "config_file", metavar="FILE", default="",
               help="start after these jobs succeed (123,456) or a Slurm dependency expression")
 @click.option("--max-parallel", type=int, default=None, metavar="N",
               help="run at most N array tasks at a time")
-@click.option("--experiment", default=None, envvar="MLFLOW_EXPERIMENT_NAME",
-              help="MLflow experiment [env: MLFLOW_EXPERIMENT_NAME; default: taskcodec]")
-@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
-              help="MLflow tracking server, reachable from the compute nodes "
-                   "[env: MLFLOW_TRACKING_URI]")
-@click.option("--run-id", default=None, metavar="RUN",
-              help="relaunch this MLflow run: its parameters reused, training resumed")
 @click.option("--image", default=None,
               help="run in this container: an Apptainer/Singularity .sif, or an image for "
                    "podman/docker")
@@ -134,11 +125,6 @@ _CONFIG = click.option("--config", "config_file", metavar="FILE", default="",
 @click.option("--project-dir", default=None, metavar="PATH",
               help="where MLProject is on the compute side [default: this checkout; "
                    "/opt/taskcodec in an image]")
-@click.option("-e", "--env", "env_items", multiple=True, metavar="NAME=VALUE",
-              help="set a variable in the job (written into the script: no secrets)")
-@click.option("--pass-env", multiple=True, metavar="NAME",
-              help="give the job this variable's value in your environment (repeatable; not "
-                   "written into the script, so also for credentials)")
 @click.option("--setup", multiple=True, metavar="LINE",
               help="shell line run before training, e.g. 'module load apptainer'")
 @click.option("--output-dir", default=None, metavar="DIR",
