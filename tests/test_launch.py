@@ -108,6 +108,9 @@ def test_k8s_warns_when_tracking_credentials_would_not_reach_the_pods(no_default
     given = dry_run("k8s", "--secret-env", "MLFLOW_TRACKING_USERNAME=auth:user",
                     "--secret-env", "MLFLOW_TRACKING_PASSWORD=auth:password", env=env)
     assert given.exit_code == 0 and "warning" not in given.stderr
+    named = dry_run("k8s", "--pass-env", "MLFLOW_TRACKING_USERNAME",  # not a secret: may be passed
+                    "--secret-env", "MLFLOW_TRACKING_PASSWORD=auth:password", env=env)
+    assert named.exit_code == 0 and "warning" not in named.stderr, named.stderr
     assert "warning" not in dry_run("k8s").stderr  # nothing set here: nothing to say
 
 

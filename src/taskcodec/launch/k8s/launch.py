@@ -31,7 +31,7 @@ def prepare(spec: JobSpec, opts: K8sOptions, environ=os.environ) -> tuple[JobSpe
     validate(spec, opts)
     spec = replace(spec, env={**spec.passed_env(environ), **spec.env}, pass_env=[])
     notes = unmounted_paths(spec, opts)
-    missing = unreached_credentials(environ, opts.secret_env)
+    missing = unreached_credentials(environ, [*opts.secret_env, *spec.env])
     if missing and spec.tracking_uri.startswith(("http://", "https://")):
         # A warning, not a refusal: the server may take anonymous writes, or the credentials
         # may be for another server; the launcher cannot tell before the pods run.
