@@ -1,6 +1,7 @@
-"""Kubernetes, the launch: validate -> render -> create the MLflow runs -> submit -> tag the
-runs with their Jobs. The same steps, in the same order, as :mod:`taskcodec.launch.slurm.launch`;
-``k8s-launch`` is a thin command over :func:`launch`.
+"""Kubernetes, the launch: validate -> relaunch settings -> create the MLflow runs -> render ->
+submit -> tag the runs with their Jobs. The steps of :mod:`taskcodec.launch.slurm.launch`, but
+the manifest is rendered after the runs are created, as it names their ids (a Slurm job reads
+them from its environment); ``k8s-launch`` is a thin command over :func:`launch`.
 """
 
 from __future__ import annotations
