@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from taskcodec.launch import k8s
+from taskcodec.launch import k8s, runs
 from taskcodec.launch.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +130,7 @@ def _job_container(image_ref: str, tracking_uri: str, params: dict[str, str], na
                    experiment="image-test", image=image_ref, gpus=gpus)
     opts = k8s.K8sOptions(job_name=name, volume_claim="data")
     k8s.validate(spec, opts)
-    (run_id,) = k8s.create_runs(spec, opts, namespace="podman").run_ids
+    (run_id,) = runs.create_runs(spec, launcher="k8s", base_name=name, tags={}).run_ids
     (job,) = k8s.render_jobs(spec, opts, [run_id])
     return run_id, job["spec"]["template"]["spec"]["containers"][0]
 

@@ -32,6 +32,7 @@ from click.testing import CliRunner
 from taskcodec.cli import k8s as cli
 from taskcodec.errors import ConfigError
 from taskcodec.launch import k8s
+from taskcodec.launch.checks import is_credential_name
 from taskcodec.launch.spec import JobSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -159,7 +160,7 @@ def test_gpu_job_limits_gpus_and_keeps_credentials_in_secrets():
 def test_no_credential_is_ever_written_into_a_manifest(name):
     for job in _render(name):
         for var in _container(job)["env"]:
-            if k8s._CREDENTIAL.search(var["name"]):
+            if is_credential_name(var["name"]):
                 assert "value" not in var and "secretKeyRef" in var["valueFrom"], var
         assert "password" not in k8s.to_yaml([job]).lower().replace("mlflow_tracking_password",
                                                                      "").replace("key: password", "")
@@ -265,11 +266,11 @@ BAD_INPUT = [
     (["-P", "lmdba=0.01"], "entry point 'train' has no parameter 'lmdba'"),
     (["-P", "lmbda"], "-P 'lmbda' is not NAME=VALUE"),
     (["--sweep", "lmbda=0.1,,0.2"], "has an empty value"),
-    (["--env", "MLFLOW_TRACKING_PASSWORD=hunter2"], "credentials are never put in a manifest"),
+    (["--env", "MLFLOW_TRACKING_PASSWORD=hunter2"], "looks like a credential"),
     (["--env", "AWS_SECRET_ACCESS_KEY=abc"], "--secret-env AWS_SECRET_ACCESS_KEY=SECRET:KEY"),
     (["--secret-env", "MLFLOW_TRACKING_PASSWORD=mlflow-auth"], "is not NAME=SECRET:KEY"),
     (["--secret-env", "TOKEN=Bad_Secret:key"], "secret name 'Bad_Secret' is not a valid"),
-    (["--tracking-uri", "http://alice:hunter2@mlflow:5000"], "the tracking URI holds a password"),
+    (["--tracking-uri", "http://alice:hunter2@mlflow:5000"], "the tracking URI holds credentials"),
     (["--tracking-uri", "sqlite:///mlflow.db"], "is not a server the pods can reach"),
     (["--toleration", "gpu:Sometimes"], "effect 'Sometimes' is not one of"),
     (["--node-selector", "zone"], "--node-selector 'zone' is not NAME=VALUE"),
@@ -517,7 +518,7 @@ async def test_refused_submission_fails_its_runs_and_says_why(cluster, mlflow_se
     experiment = client.get_experiment_by_name("refused")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FAILED"
-    assert "job not created" in run.data.tags["k8s_note"]
+    assert "job not created" in run.data.tags["launch_error"]
 
 
 @pytest.mark.server

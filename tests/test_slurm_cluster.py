@@ -147,6 +147,12 @@ def test_sweep_tasks_train_as_tagged_mlflow_runs(cluster_env, tmp_path):
         assert f"run {run_id} on {socket.gethostname()}" in log
     one = cli("slurm-log", rows[1][0], "--output-dir", str(logs)).stdout
     assert rows[1][1] in one and rows[0][1] not in one
+    # The helpers on a finished job: -f prints the log and returns (it used to follow the file
+    # for ever), a cancel says the job had already finished (it used to say "cancelled").
+    followed = cli("slurm-log", rows[0][0], "-f", timeout=60).stdout
+    assert f"run {rows[0][1]} on" in followed
+    late = cli("slurm-cancel", job, "--yes")
+    assert late.stderr.strip() == f"{job} had already finished: nothing to cancel"
 
 
 def test_requeued_job_resumes_its_run_without_losing_or_repeating_steps(cluster_env, tmp_path):

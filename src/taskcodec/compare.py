@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskcodec.config import higher_is_better
 from taskcodec.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,6 @@ JPEG_CURVE = "JPEG (Pillow)"
 MAX_TAG_CHARS = 5000
 MAX_RUNS = 10_000
 
-# Metrics where a smaller value is the better one (depth errors, distances, perceptual losses).
-LOWER_IS_BETTER = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "mae",
-                             "mse", "lpips", "dists", "fid", "error", "wer", "cer"})
-_LOWER_SUFFIXES = ("_error", "_rmse", "_mae", "_mse", "_abs_rel", "_lpips")
 # Logged next to the quality metrics but not quality: rates, timings, training values, JPEG.
 _NOT_QUALITY_PREFIXES = ("bpp", "jpeg_", "val_", "train_", "bd_", "system/")
 _NOT_QUALITY_SUFFIXES = ("_time", "_seconds", "loss", "_bytes")
@@ -67,8 +64,7 @@ def is_quality_metric(name: str) -> bool:
 
 
 def lower_is_better(name: str) -> bool:
-    key = name.lower()
-    return key in LOWER_IS_BETTER or key.endswith(_LOWER_SUFFIXES)
+    return not higher_is_better(name)
 
 
 def metric_label(name: str) -> str:

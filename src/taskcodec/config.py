@@ -132,10 +132,22 @@ def _type_of(f: dataclasses.Field) -> type:
 
 
 CODEC_NAMES = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean")
+#: How much the codecs downsample in all (the hyperprior's 64): inputs are padded to, and
+#: training crops are, a multiple of this.
+PAD_MULTIPLE = 64
+
+# Metrics where a smaller value is the better one, named with or without "val_": rates, losses,
+# depth errors, distances, perceptual losses. Everything else (PSNR, mAP, mIoU, ...) is higher.
+LOWER_IS_BETTER = frozenset({"loss", "bpp", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10",
+                             "silog", "mae", "mse", "lpips", "dists", "fid", "error", "wer", "cer"})
+_LOWER_AFFIXES = ("_loss", "_error", "_rmse", "_mae", "_mse", "_abs_rel", "_lpips")
 
 
-LOWER_IS_BETTER = ("val_loss", "val_bpp", "val_abs_rel", "val_rmse", "val_mse_loss",
-                   "val_task_loss")
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (the one rule for monitors, early
+    stopping, task heads and RD curves)."""
+    key = metric.lower().removeprefix("val_")
+    return not (key in LOWER_IS_BETTER or key.endswith(_LOWER_AFFIXES) or key.startswith("bpp"))
 
 
 @dataclass
@@ -211,9 +223,9 @@ class TrainConfig(LoopConfig):
     def check(self) -> None:
         super().check()
         # The hyperprior downsamples the latent 4 more times: other crops fail mid-training.
-        if self.codec != "bmshj2018-factorized" and self.patch_size % 64:
-            raise ConfigError(f"patch_size={self.patch_size} must be a multiple of 64 for "
-                              f"codec={self.codec} (its hyperprior downsamples by 64)")
+        if self.codec != "bmshj2018-factorized" and self.patch_size % PAD_MULTIPLE:
+            raise ConfigError(f"patch_size={self.patch_size} must be a multiple of {PAD_MULTIPLE} "
+                              f"for codec={self.codec} (its hyperprior downsamples by {PAD_MULTIPLE})")
 
 
 TASK_MONITORS = ("auto", "val_loss", "val_bpp", "val_task_loss", "val_map", "val_map50", "val_miou",
@@ -252,8 +264,8 @@ class BaseConfig(LoopConfig):
 
     def check(self) -> None:
         super().check()
-        if self.image_size % 64:
-            raise ConfigError(f"image_size={self.image_size} must be a multiple of 64")
+        if self.image_size % PAD_MULTIPLE:
+            raise ConfigError(f"image_size={self.image_size} must be a multiple of {PAD_MULTIPLE}")
 
 
 @dataclass
@@ -290,8 +302,8 @@ class EnhancementConfig(LoopConfig):
         if self.method == "residual" and self.target != "reconstruction":
             raise ConfigError("method=residual needs target=reconstruction "
                               "(use conditional for segmentation)")
-        if self.image_size % 64:
-            raise ConfigError(f"image_size={self.image_size} must be a multiple of 64")
+        if self.image_size % PAD_MULTIPLE:
+            raise ConfigError(f"image_size={self.image_size} must be a multiple of {PAD_MULTIPLE}")
 
 
 @dataclass

@@ -30,8 +30,7 @@ from taskcodec.recipes import Recipe, higher_is_better, recipe_for
 
 log = logging.getLogger(__name__)
 
-#: Exit status after a checkpoint written on SIGTERM/SIGUSR1: "preempted, requeue me".
-PREEMPTED_EXIT = 75
+PREEMPTED_EXIT = signals.PREEMPTED_EXIT  # defined once, in the torch-free signals module
 _RESUMABLE = ("epochs", "max_steps", "num_workers", "device", "log_every", "checkpoint_every",
               "early_stop_patience", "checkpoint_dir")
 # Settings that name the run rather than shape it: never a conflict on resume.

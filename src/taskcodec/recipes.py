@@ -21,14 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskcodec.config import BaseConfig, EnhancementConfig, LoopConfig, TrainConfig
+from taskcodec.config import PAD_MULTIPLE, BaseConfig, EnhancementConfig, LoopConfig, TrainConfig, higher_is_better
 from taskcodec.data.transforms import crop_padding, pad_to_multiple
 from taskcodec.errors import CheckpointError
 from taskcodec.metrics import bpp_from_likelihoods, ms_ssim, psnr
-
-PAD_MULTIPLE = 64
-HIGHER_IS_BETTER = {"val_psnr", "val_ms_ssim", "val_map", "val_map50", "val_miou",
-                    "val_pixel_accuracy", "val_delta1", "val_accuracy"}
 
 
 class Recipe:
@@ -448,10 +444,6 @@ def recipe_for(config: LoopConfig) -> Recipe:
     if isinstance(config, EnhancementConfig):
         return EnhancementRecipe(config)
     raise TypeError(f"no recipe for {type(config).__name__}")
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric in HIGHER_IS_BETTER
 
 
 __all__ = ["Recipe", "CodecRecipe", "BaseRecipe", "EnhancementRecipe", "recipe_for",

@@ -12,6 +12,10 @@ from __future__ import annotations
 import signal
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+#: Exit status after a checkpoint written on one of them: "preempted, requeue me". The one
+#: definition: the trainer, the CLI, mlflow_run and both launchers (Slurm script, the Job's
+#: pod failure policy) use this name.
+PREEMPTED_EXIT = 75
 received: int | None = None
 _previous: dict[int, object] = {}
 

@@ -9,13 +9,12 @@ Any taskcodec error ends as one ``Error:`` line with exit status 2. Also runs as
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 
 import click
 
 from taskcodec.cli.errors import Command
-from taskcodec.errors import ConfigError
+from taskcodec.cli.options import job_options
 from taskcodec.launch import k8s
 from taskcodec.launch.spec import JobSpec, parse_assignments, parse_sweep
 
@@ -47,10 +46,7 @@ def _connect(context: str, kubeconfig: str) -> k8s.Cluster:
 
 @click.command(cls=Command, context_settings=_CONTEXT)
 @click.argument("entry_point", metavar="ENTRY_POINT")
-@click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="entry point parameter (repeatable); any setting of `taskcodec train`")
-@click.option("--sweep", multiple=True, metavar="NAME=V1,V2,...",
-              help="one run per value (repeatable: the cross product)")
+@job_options("pod", "written into the manifest, so never credentials: use --secret-env")
 @click.option("--sweep-mode", type=click.Choice(["indexed", "jobs"]), default="indexed",
               show_default=True, help="one Indexed Job, or one Job per combination")
 @click.option("--parallelism", type=int, default=0, metavar="N",
@@ -84,18 +80,8 @@ def _connect(context: str, kubeconfig: str) -> k8s.Cluster:
                    "from it)")
 @click.option("--mount-path", default=k8s.DEFAULT_MOUNT, show_default=True, metavar="PATH",
               help="where the volume is mounted")
-@click.option("--env", "env", multiple=True, metavar="NAME=VALUE",
-              help="environment variable (repeatable; never credentials)")
-@click.option("--pass-env", multiple=True, metavar="NAME",
-              help="copy this variable from your environment (repeatable)")
 @click.option("--secret-env", multiple=True, metavar="NAME=SECRET:KEY",
               help="environment variable from a key of a Secret (repeatable)")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="", metavar="URI",
-              help="MLflow server the pods log to [env: MLFLOW_TRACKING_URI]")
-@click.option("--experiment", envvar="MLFLOW_EXPERIMENT_NAME", default=_DEFAULT_EXPERIMENT,
-              show_default=True, metavar="NAME", help="[env: MLFLOW_EXPERIMENT_NAME]")
-@click.option("--run-id", default="", metavar="RUN_ID",
-              help="continue this MLflow run (from its last checkpoint) instead of a new one")
 @click.option("--name", "prefix", default="taskcodec", show_default=True, metavar="PREFIX",
               help="job name prefix (the job is PREFIX-ENTRY_POINT-DATE-TIME)")
 @click.option("--job-name", default="", metavar="NAME", help="exact job name instead")
@@ -115,7 +101,7 @@ def _connect(context: str, kubeconfig: str) -> k8s.Cluster:
               help="print the manifest(s) as YAML and stop: nothing is sent, no run created")
 def launch(entry_point, params, sweep, sweep_mode, parallelism, image, pull_policy,
            image_pull_secret, gpus, gpu_type, gpu_resource, cpus, cpu_limit, memory,
-           memory_limit, shm_size, node_selector, toleration, volume_claim, mount_path, env,
+           memory_limit, shm_size, node_selector, toleration, volume_claim, mount_path, env_items,
            pass_env, secret_env, tracking_uri, experiment, run_id, prefix, job_name, time, ttl,
            backoff_limit, grace_period, service_account, label, namespace, context, kubeconfig,
            dry_run):
@@ -135,15 +121,12 @@ def launch(entry_point, params, sweep, sweep_mode, parallelism, image, pull_poli
       k8s-launch train --gpus 1 --sweep lmbda=0.0018,0.0067,0.013,0.0483 -P epochs=200
       k8s-launch train --gpus 4 --gpu-type NVIDIA-A100-SXM4-80GB --toleration dedicated=ml:NoSchedule
     """
-    environment = parse_assignments(env, "--env")
-    for name in pass_env:
-        if name not in os.environ:
-            raise ConfigError(f"--pass-env {name}: not set in your environment")
-        environment.setdefault(name, os.environ[name])
     spec = JobSpec(entry_point=entry_point, params=parse_assignments(params),
-                   sweep=parse_sweep(sweep), name=prefix, experiment=experiment,
-                   tracking_uri=tracking_uri, run_id=run_id, gpus=gpus, gpu_type=gpu_type,
-                   cpus=cpus, memory=memory, time=time, image=image, env=environment)
+                   sweep=parse_sweep(sweep), name=prefix,
+                   experiment=experiment or _DEFAULT_EXPERIMENT, tracking_uri=tracking_uri or "",
+                   run_id=run_id or "", gpus=gpus, gpu_type=gpu_type,
+                   cpus=cpus, memory=memory, time=time, image=image,
+                   env=parse_assignments(env_items, "--env"), pass_env=list(pass_env))
     now = datetime.now(UTC)
     opts = k8s.K8sOptions(
         job_name=job_name or k8s.default_job_name(prefix, entry_point, now),
@@ -157,28 +140,31 @@ def launch(entry_point, params, sweep, sweep_mode, parallelism, image, pull_poli
         image_pull_policy=pull_policy, image_pull_secret=image_pull_secret,
         service_account=service_account, labels=parse_assignments(label, "--label"))
     if dry_run:
-        k8s.validate(spec, opts)
-        count = len(spec.combinations())
-        run_ids = [run_id] if run_id else [f"dry-run-{i}" for i in range(count)]
-        click.echo(k8s.to_yaml(k8s.render_jobs(spec, opts, run_ids)), nl=False)
+        launched = k8s.launch(spec, opts, None, dry_run=True)
+        click.echo(launched.text, nl=False)
+        for note in launched.notes:
+            _say(note)
         _say("dry run: nothing was sent and no MLflow run was created; the run ids above are "
              "placeholders for the runs a real launch creates")
         if not tracking_uri:
             _say("note: no tracking URI (--tracking-uri or MLFLOW_TRACKING_URI); a real launch "
                  "needs an MLflow server the pods can reach")
         return
-    k8s.validate(spec, opts)  # before connecting: bad input never waits for a cluster
+    k8s.prepare(spec, opts)  # before connecting: bad input never waits for a cluster
     cluster = _connect(context, kubeconfig)
-    result = k8s.launch(spec, opts, cluster, context=context)
-    for name in result.job_names:
+    launched = k8s.launch(spec, opts, cluster, context=context)
+    for note in launched.notes:
+        _say(note)
+    for name in launched.job_ids:
         click.echo(name)
-    what = f"{len(result.run_ids)} runs" if len(result.run_ids) > 1 else "1 run"
-    _say(f"k8s-launch: created job {', '.join(result.job_names)} in namespace "
-         f"{result.namespace} ({what})")
-    base = tracking_uri.rstrip("/")
-    for rid in result.run_ids:
-        _say(f"k8s-launch: MLflow run {base}/#/experiments/{result.experiment_id}/runs/{rid}")
-    first = result.job_names[0] if len(result.job_names) == 1 else opts.job_name
+    run_ids = launched.runs.run_ids
+    what = f"{len(run_ids)} runs" if len(run_ids) > 1 else "1 run"
+    _say(f"k8s-launch: created job {', '.join(launched.job_ids)} in namespace "
+         f"{opts.namespace or cluster.namespace} ({what})")
+    for link in launched.runs.links:
+        if link:
+            _say(f"k8s-launch: MLflow run {link}")
+    first = launched.job_ids[0] if len(launched.job_ids) == 1 else opts.job_name
     _say(f"k8s-launch: watch with: k8s-status {first} | k8s-log {first} -f | k8s-cancel {first}")
 
 
@@ -262,13 +248,15 @@ def cancel(name, namespace, context, kubeconfig):
     Example:
       k8s-cancel taskcodec-train-20261126-101500
     """
+    from taskcodec.launch.runs import end_runs
+
     cluster = _connect(context, kubeconfig)
     jobs = k8s.cancel(cluster, name, namespace)
     for job in jobs:
         click.echo(job.name)
         _say(f"k8s-cancel: deleted job {job.name} in namespace {job.namespace}")
         if job.tracking_uri and job.run_ids:
-            failed = k8s.end_runs(job.tracking_uri, job.run_ids, "KILLED", "cancelled with k8s-cancel")
+            failed = end_runs(job.tracking_uri, job.run_ids, "KILLED", "cancelled with k8s-cancel")
             done = len(job.run_ids) - len(failed)
             _say(f"k8s-cancel: marked {done} MLflow run(s) KILLED" + (
                 f"; could not update {', '.join(failed)} at {job.tracking_uri}" if failed else ""))

@@ -20,8 +20,6 @@ from taskcodec.cli.errors import Group
 from taskcodec.cli.options import config_command
 from taskcodec.config import BaseConfig, EnhancementConfig, EvalConfig, LoopConfig, TrainConfig
 
-PREEMPTED_EXIT = 75  # keep in sync with taskcodec.engine.PREEMPTED_EXIT (no torch import here)
-
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -61,7 +59,7 @@ def _run_training(config: LoopConfig) -> None:
         run_id = run_training(config)
     except BaseException as err:
         if is_preemption(err):
-            sys.exit(PREEMPTED_EXIT)
+            sys.exit(signals.PREEMPTED_EXIT)
         raise
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line per run, not per process
         click.echo(run_id)

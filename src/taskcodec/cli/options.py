@@ -63,3 +63,37 @@ def config_command(config_cls: type[Config]) -> Callable:
         return config_options(config_cls)(wrapper)
 
     return decorator
+
+
+def job_options(job: str, pass_env_help: str) -> Callable:
+    """The options both launchers share, with one meaning each (``job``: what one parameter
+    combination becomes, e.g. "array task"). Defaults are None: each launcher fills its own."""
+    options = [
+        click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
+                     help="entry point parameter (repeatable): any setting of its config"),
+        click.option("--sweep", multiple=True, metavar="NAME=V1,V2,...",
+                     help=f"one {job} (and MLflow run) per combination (repeatable: the cross "
+                          "product)"),
+        click.option("-e", "--env", "env_items", multiple=True, metavar="NAME=VALUE",
+                     help="set a variable in the job; the value is written into it, so "
+                          "credential-looking names are refused (repeatable)"),
+        click.option("--pass-env", multiple=True, metavar="NAME",
+                     help=f"give the job the value NAME has in your environment (refused if "
+                          f"unset; repeatable); {pass_env_help}"),
+        click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI", metavar="URI",
+                     help="MLflow server the jobs log to, reachable from them "
+                          "[env: MLFLOW_TRACKING_URI]"),
+        click.option("--experiment", default=None, envvar="MLFLOW_EXPERIMENT_NAME",
+                     metavar="NAME", help="MLflow experiment [env: MLFLOW_EXPERIMENT_NAME; "
+                                          "default: taskcodec]"),
+        click.option("--run-id", default=None, metavar="RUN_ID",
+                     help="continue this MLflow run instead of a new one: its parameters "
+                          "reused, training resumed from its last checkpoint"),
+    ]
+
+    def decorator(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorator

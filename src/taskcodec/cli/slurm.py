@@ -14,8 +14,6 @@ mlflow is imported only when a run is created, torch never: ``--help`` answers a
 from __future__ import annotations
 
 import os
-import shlex
-import stat
 import subprocess
 import sys
 import tomllib
@@ -25,6 +23,7 @@ from typing import Any
 import click
 
 from taskcodec.cli.errors import one_line_errors
+from taskcodec.cli.options import job_options
 from taskcodec.errors import ConfigError, TaskcodecError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -33,7 +32,6 @@ _KEYS = {"name", "account", "partition", "qos", "constraint", "time", "nodes", "
          "memory", "max_parallel", "experiment", "tracking_uri", "image", "venv", "runtime",
          "project_dir", "env", "output_dir", "checkpoint_dir", "stage_data", "signal_grace",
          "mail_type", "mail_user", "credentials_file", "host", "depends_on", *_LIST_KEYS}
-REMOTE_CREDENTIALS = ".config/taskcodec/credentials.env"  # relative to the login node's home
 
 
 def config_files(explicit: str = "") -> list[Path]:
@@ -98,10 +96,7 @@ _CONFIG = click.option("--config", "config_file", metavar="FILE", default="",
 
 @click.command(context_settings=CONTEXT)
 @click.argument("entry_point")
-@click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
-              help="entry point parameter (repeatable)")
-@click.option("--sweep", multiple=True, metavar="NAME=V1,V2,...",
-              help="one array task (and MLflow run) per combination (repeatable)")
+@job_options("array task", "not written into the script, so also for credentials")
 @click.option("--name", "-J", default=None, help="job name [default: taskcodec-ENTRY_POINT]")
 @click.option("--account", "-A", default=None, help="Slurm account (e.g. def-someprof)")
 @click.option("--partition", "-p", default=None)
@@ -118,13 +113,6 @@ _CONFIG = click.option("--config", "config_file", metavar="FILE", default="",
               help="start after these jobs succeed (123,456) or a Slurm dependency expression")
 @click.option("--max-parallel", type=int, default=None, metavar="N",
               help="run at most N array tasks at a time")
-@click.option("--experiment", default=None, envvar="MLFLOW_EXPERIMENT_NAME",
-              help="MLflow experiment [env: MLFLOW_EXPERIMENT_NAME; default: taskcodec]")
-@click.option("--tracking-uri", default=None, envvar="MLFLOW_TRACKING_URI",
-              help="MLflow tracking server, reachable from the compute nodes "
-                   "[env: MLFLOW_TRACKING_URI]")
-@click.option("--run-id", default=None, metavar="RUN",
-              help="relaunch this MLflow run: its parameters reused, training resumed")
 @click.option("--image", default=None,
               help="run in this container: an Apptainer/Singularity .sif, or an image for "
                    "podman/docker")
@@ -137,10 +125,6 @@ _CONFIG = click.option("--config", "config_file", metavar="FILE", default="",
 @click.option("--project-dir", default=None, metavar="PATH",
               help="where MLProject is on the compute side [default: this checkout; "
                    "/opt/taskcodec in an image]")
-@click.option("-e", "--env", "env_items", multiple=True, metavar="NAME=VALUE",
-              help="set a variable in the job (written into the script: no secrets)")
-@click.option("--pass-env", multiple=True, metavar="NAME",
-              help="pass this variable from the submission environment (value not written)")
 @click.option("--setup", multiple=True, metavar="LINE",
               help="shell line run before training, e.g. 'module load apptainer'")
 @click.option("--output-dir", default=None, metavar="DIR",
@@ -191,7 +175,6 @@ def launch(entry_point: str, params, sweep, name, account, partition, qos, const
 
     defaults = load_defaults(config_file)
     cluster = _cluster(host, ssh_config, defaults)
-    remote = bool(cluster.host)
     gpu_type, gpu_count = slurm.parse_gpus(_pick(gpus, defaults, "gpus", "0"))
     env = {**defaults.get("env", {}), **parse_assignments(env_items, "--env")}
     uri = _pick(tracking_uri, defaults, "tracking_uri", "")
@@ -210,19 +193,11 @@ def launch(entry_point: str, params, sweep, name, account, partition, qos, const
         env=env, pass_env=[*defaults.get("pass_env", []), *pass_env],
         project_dir=_pick(project_dir, defaults, "project_dir", ""),
     )
-    spec.validate()
-    if spec.run_id and spec.sweep:
-        raise click.UsageError("--run-id relaunches one run: it cannot be combined with --sweep")
-    out_dir = str(_pick(output_dir, defaults, "output_dir", "slurm-logs"))
-    if not remote:
-        out_dir = os.path.abspath(os.path.expanduser(out_dir))
-        if spec.venv:
-            spec.venv = os.path.abspath(os.path.expanduser(spec.venv))
     options = slurm.SlurmOptions(
         account=_pick(account, defaults, "account", ""),
         partition=_pick(partition, defaults, "partition", ""),
         qos=_pick(qos, defaults, "qos", ""), constraint=_pick(constraint, defaults, "constraint", ""),
-        output_dir=out_dir,
+        output_dir=str(_pick(output_dir, defaults, "output_dir", "slurm-logs")),
         checkpoint_dir=_pick(checkpoint_dir, defaults, "checkpoint_dir", ""),
         depends_on=str(_pick(depends_on, defaults, "depends_on", "")),
         mail_type=_pick(mail_type, defaults, "mail_type", ""),
@@ -233,82 +208,22 @@ def launch(entry_point: str, params, sweep, name, account, partition, qos, const
         binds=[*defaults.get("binds", []), *binds], setup=[*defaults.get("setup", []), *setup],
         stage_data=bool(_pick(stage_data, defaults, "stage_data", False)),
     )
-    if not options.checkpoint_dir and _has_checkpoint_dir(spec.entry_point):
-        options.checkpoint_dir = f"{out_dir.rstrip('/')}/checkpoints"
-    options.validate(spec)
-    if not spec.project_dir and not spec.image:
-        if remote:
-            raise ConfigError("--project-dir is needed with --host: where the taskcodec checkout "
-                              "(MLProject) is on the cluster")
-        from taskcodec.launch.spec import PROJECT_DIR
-
-        spec.project_dir = str(PROJECT_DIR)
-    creds_file = _pick(credentials_file, defaults, "credentials_file", "")
-    if creds_file and not remote:
-        _check_private(creds_file)
-    if spec.run_id:
-        from taskcodec.launch.spec import _config_fields, load_entry_points
-
-        known = set(load_entry_points().get(spec.entry_point, {})) | _config_fields(spec.entry_point)
-        spec.params, spec.experiment = slurm.relaunch_settings(spec, known)
-    script = slurm.render_sbatch(spec, options)
+    launched = slurm.launch(spec, options, cluster, dry_run=dry_run,
+                            credentials_file=_pick(credentials_file, defaults,
+                                                   "credentials_file", ""))
+    for note in launched.notes:
+        click.echo(note, err=True)
     if dry_run:
-        click.echo(script, nl=False)
+        click.echo(launched.text, nl=False)
         click.echo(f"dry run: {len(spec.combinations())} array task(s); nothing submitted, "
                    "no MLflow run created", err=True)
         return
-    _submit(spec, options, cluster, script, creds_file)
-
-
-def _has_checkpoint_dir(entry_point: str) -> bool:
-    from taskcodec.launch.spec import _config_fields
-
-    return "checkpoint_dir" in _config_fields(entry_point)
-
-
-def _check_private(path: str) -> None:
-    try:
-        mode = os.stat(os.path.expanduser(path)).st_mode
-    except OSError as err:
-        raise ConfigError(f"--credentials-file {path}: {err.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"--credentials-file {path} is readable by others (mode "
-                          f"{stat.S_IMODE(mode):o}); run chmod 600 {shlex.quote(path)}")
-
-
-def _submit(spec, options, cluster, script: str, creds_file: str) -> None:
-    from taskcodec.launch import slurm
-
-    tags = {"launcher": "slurm"}
-    if spec.image:
-        tags["image"] = spec.image
-    elif not cluster.host:
-        commit = slurm.git_commit(Path(spec.project_dir))
-        if commit:
-            tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
-    runs = slurm.create_runs(spec, tags=tags)
-    try:
-        cluster.mkdir(options.output_dir)
-        env = {"TASKCODEC_RUN_IDS": " ".join(runs.run_ids)}
-        if cluster.host and not creds_file:
-            secrets = {k: os.environ[k] for k in slurm.CREDENTIAL_VARS if os.environ.get(k)}
-            if secrets:
-                text = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(secrets.items()))
-                creds_file = cluster.write_private(REMOTE_CREDENTIALS, text)
-                click.echo(f"credentials ({', '.join(sorted(secrets))}) copied to "
-                           f"{cluster.host}:{creds_file} (mode 0600)", err=True)
-        if creds_file:
-            env["TASKCODEC_CREDENTIALS_FILE"] = creds_file
-        job_id = cluster.submit(script, env=env, comment=slurm.make_comment(runs.run_ids, runs.links))
-    except TaskcodecError as err:
-        slurm.discard_runs(spec, runs, str(err))
-        raise
-    slurm.tag_submitted(spec, runs, job_id, script, cluster.host)
+    (job_id,) = launched.job_ids
     where = f" on {cluster.host}" if cluster.host else ""
-    click.echo(f"submitted job {job_id}{where}: {len(runs.run_ids)} array task(s), logs in "
-               f"{options.output_dir}", err=True)
-    for index, (run_id, link) in enumerate(zip(runs.run_ids, runs.links)):
-        click.echo(f"{job_id}_{index} {run_id} {link}".rstrip())
+    click.echo(f"submitted job {job_id}{where}: {len(launched.runs.run_ids)} array task(s), "
+               f"logs in {options.output_dir}", err=True)
+    for index, (run, link) in enumerate(zip(launched.runs.run_ids, launched.runs.links)):
+        click.echo(f"{job_id}_{index} {run} {link}".rstrip())
 
 
 @click.command(context_settings=CONTEXT)
@@ -364,7 +279,7 @@ def log(job: str, follow: bool, output_dir, host, ssh_config, config_file) -> No
     if not files:
         raise ConfigError(f"no output found for job {job} (not known to Slurm any more, and no "
                           f"*-{job.split('_')[0]}_*.out in {directory}; see --output-dir)")
-    if follow:
+    if follow and cluster.unfinished(job):  # a finished task's log does not grow: print it
         try:
             sys.exit(subprocess.call(cluster.follow_argv(files)))
         except KeyboardInterrupt:
@@ -410,5 +325,9 @@ def cancel(jobs: tuple[str, ...], all_jobs: bool, yes: bool, host, ssh_config, c
     if not yes:
         click.confirm(f"Cancel job{'s' if len(targets) > 1 else ''} {' '.join(targets)}"
                       f"{' on ' + cluster.host if cluster.host else ''}?", abort=True, err=True)
-    cluster.cancel(targets)
-    click.echo(f"cancelled {' '.join(targets)}", err=True)
+    finished = cluster.cancel(targets)
+    cancelled = [job for job in targets if job not in finished]
+    if cancelled:
+        click.echo(f"cancelled {' '.join(cancelled)}", err=True)
+    if finished:
+        click.echo(f"{' '.join(finished)} had already finished: nothing to cancel", err=True)

@@ -19,10 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from taskcodec import bitstream, checkpoints
+from taskcodec.config import PAD_MULTIPLE
 from taskcodec.data.transforms import crop_padding, pad_to_multiple
 from taskcodec.errors import BitstreamError, CheckpointError
-
-PAD_MULTIPLE = 64
 
 
 def _first_line(err: BaseException) -> str:

@@ -13,9 +13,7 @@ from __future__ import annotations
 from compressai.models import FactorizedPrior, MeanScaleHyperprior, ScaleHyperprior
 
 from taskcodec.codecs.registry import CODECS
-
-#: How much each codec downsamples: inputs are padded to a multiple of this.
-PAD_MULTIPLE = 64
+from taskcodec.config import PAD_MULTIPLE  # noqa: F401  (how much each codec downsamples)
 
 
 @CODECS.register("bmshj2018-factorized")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import signal
 import sys
 
-PREEMPTED_EXIT = 75  # same as taskcodec.engine.PREEMPTED_EXIT (no torch import here)
+from taskcodec.signals import PREEMPTED_EXIT
 
 
 def _run_id(args: list[str]) -> str:

@@ -1,5 +1,7 @@
 """The job description both launchers share: which MLflow entry point, with which
-parameters, swept over what, on which resources, in which runtime.
+parameters, swept over what, on which resources, in which runtime; and the rules that hold
+for any launcher (known parameters, ``--run-id`` continues one run so never with ``--sweep``,
+variable names, no credential written into a job).
 
 Pure and torch-free: it is validated on the user's laptop before anything is submitted.
 Entry points and their declared parameters come from the project's ``MLProject``; a parameter
@@ -20,6 +22,7 @@ from typing import Any
 import yaml
 
 from taskcodec.errors import ConfigError
+from taskcodec.launch.checks import check_credential_names, check_env_names, check_tracking_uri
 
 # The repository root (holds MLProject) for an editable install; $TASKCODEC_PROJECT_DIR wins.
 PROJECT_DIR = Path(os.environ.get("TASKCODEC_PROJECT_DIR") or Path(__file__).resolve().parents[3])
@@ -35,6 +38,11 @@ def _config_fields(entry_point: str) -> set[str]:
                and cls is not config.Config}
     cls = classes.get(entry_point)
     return {f.name for f in cls.fields()} if cls else set()
+
+
+def known_params(entry_point: str, project_dir: Path = PROJECT_DIR) -> set[str]:
+    """Every parameter the entry point takes: MLProject's declared ones and its config's."""
+    return set(load_entry_points(project_dir).get(entry_point, {})) | _config_fields(entry_point)
 
 
 def load_entry_points(project_dir: Path = PROJECT_DIR) -> dict[str, dict[str, Any]]:
@@ -89,8 +97,11 @@ class JobSpec:
     time: str = ""              # Slurm-style time limit, e.g. "1-00:00:00"
     image: str = ""             # container image (or .sif)
     venv: str = ""              # Python environment path
-    env: dict[str, str] = field(default_factory=dict)       # literal variables to set
-    pass_env: list[str] = field(default_factory=list)        # variable names to pass through
+    env: dict[str, str] = field(default_factory=dict)       # literal variables, written in the job
+    # Variables the job gets with the value they have here at launch (refused if unset here):
+    # Slurm passes them without writing them; Kubernetes writes them into the manifest, so
+    # there a credential-looking name is refused (see checks.check_credential_names).
+    pass_env: list[str] = field(default_factory=list)
     project_dir: str = ""       # where MLProject lives on the compute side
 
     def validate(self, project_dir: Path = PROJECT_DIR) -> JobSpec:
@@ -98,7 +109,7 @@ class JobSpec:
         if self.entry_point not in entry_points:
             raise ConfigError(f"unknown entry point {self.entry_point!r} "
                               f"(MLProject has: {', '.join(sorted(entry_points))})")
-        known = set(entry_points[self.entry_point]) | _config_fields(self.entry_point)
+        known = known_params(self.entry_point, project_dir)
         for source, names in (("-P", self.params), ("--sweep", self.sweep)):
             for name in names:
                 if name not in known:
@@ -113,6 +124,13 @@ class JobSpec:
                 raise ConfigError(f"--{label} {value} is out of range: must be >= {low}")
         if self.image and self.venv:
             raise ConfigError("give either --image or --venv, not both")
+        if self.run_id and self.sweep:
+            raise ConfigError("--run-id continues one run: it cannot be combined with --sweep")
+        check_env_names("--env", self.env)
+        check_credential_names("--env", self.env)
+        check_env_names("--pass-env", self.pass_env)
+        if self.tracking_uri:
+            check_tracking_uri(self.tracking_uri)
         return self
 
     def combinations(self) -> list[dict[str, str]]:
@@ -122,6 +140,13 @@ class JobSpec:
         names = sorted(self.sweep)
         return [{**self.params, **dict(zip(names, values))}
                 for values in itertools.product(*(self.sweep[n] for n in names))]
+
+    def passed_env(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The ``pass_env`` variables with their values in ``environ`` (one line if unset)."""
+        missing = [name for name in self.pass_env if name not in environ]
+        if missing:
+            raise ConfigError(f"--pass-env {missing[0]}: not set in your environment")
+        return {name: environ[name] for name in self.pass_env}
 
     @property
     def world_size(self) -> int:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from compressai.layers import GDN
 from torch import Tensor, nn
 
+from taskcodec.config import higher_is_better
 from taskcodec.errors import ConfigError
 
 
@@ -78,14 +79,13 @@ class TaskHead(nn.Module):
     """A task network on a codec latent; subclasses implement :meth:`losses` and :meth:`predict`.
 
     Class attributes: ``task`` (its registry name), ``metric_name`` (the MLflow name of its main
-    metric), ``higher_is_better``, ``target_keys`` (what training targets must hold) and
+    metric; ``higher_is_better`` follows from it), ``target_keys`` (what training targets must hold) and
     ``min_classes``. Instances have ``in_channels``, ``stride``, ``num_classes`` and
     ``feature_stride`` (the adapter's output stride).
     """
 
     task: ClassVar[str]
     metric_name: ClassVar[str]
-    higher_is_better: ClassVar[bool]
     target_keys: ClassVar[tuple[str, ...]]
     min_classes: ClassVar[int] = 1
     min_classes_why: ClassVar[str] = ""
@@ -107,6 +107,11 @@ class TaskHead(nn.Module):
             )
         self.feature_stride = stride // 2**upsample
         self.adapter = LatentAdapter(in_channels, channels, upsample)
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger ``metric_name`` is better (one rule: config.higher_is_better)."""
+        return higher_is_better(self.metric_name)
 
     def forward(self, features: Tensor, image_size: tuple[int, int], targets: list[dict] | None = None):
         """Losses in training mode (``targets`` required), predictions in eval mode (``targets``

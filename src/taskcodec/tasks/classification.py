@@ -20,7 +20,6 @@ class ClassificationHead(TaskHead):
 
     task = "classification"
     metric_name = "accuracy"
-    higher_is_better = True
     target_keys = ("label",)
 
     def __init__(

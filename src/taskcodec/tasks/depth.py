@@ -50,7 +50,6 @@ class DepthHead(TaskHead):
 
     task = "depth"
     metric_name = "abs_rel"
-    higher_is_better = False
     target_keys = ("depth",)
 
     def __init__(

@@ -56,7 +56,6 @@ class DetectionHead(TaskHead):
 
     task = "detection"
     metric_name = "map"
-    higher_is_better = True
     target_keys = ("boxes", "labels")
     min_classes = 2
     min_classes_why = " (the background and at least one object class)"

@@ -33,7 +33,6 @@ class SegmentationHead(TaskHead):
 
     task = "segmentation"
     metric_name = "miou"
-    higher_is_better = True
     target_keys = ("mask",)
 
     def __init__(
