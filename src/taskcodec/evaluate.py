@@ -106,6 +106,7 @@ TABLE_COLUMNS = (("bpp", "bpp", ".3f"), ("bpp_base", "bpp base", ".3f"),
                  ("bpp_enh", "bpp enh", ".3f"), ("psnr", "PSNR dB", ".2f"),
                  ("ms_ssim", "MS-SSIM", ".4f"), ("map", "mAP", ".4f"), ("map50", "mAP@.5", ".4f"),
                  ("miou", "mIoU", ".4f"), ("abs_rel", "AbsRel", ".4f"),
+                 ("disparity_rmse", "disp RMSE", ".3f"), ("psnr_base", "PSNR base", ".2f"),
                  ("accuracy", "accuracy", ".4f"))
 
 
@@ -149,6 +150,11 @@ def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
     row = {"bpp": bpp_from_bytes(len(data), int(height), int(width)),
            "bpp_base": 8 * sizes["base"] / pixels, "encode_time": encode_time,
            "decode_base_time": decode_base_time}
+    # Previews apart from the timed decoding: the base layer alone, seen by a human.
+    shown = codec.decompress(data, layers={"base"}, previews=True) if codec.has_previews else {}
+    for key, name in (("preview", "psnr_base"), ("prediction", "psnr_pred")):
+        if key in shown:
+            row[name] = psnr(x, shown[key])
     if codec.kind == "scalable":
         start = time.perf_counter()
         full = codec.decompress(data)
@@ -183,7 +189,8 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
                                  task=(task, "segmentation") if target == "segmentation" else task,
                                  size=int(codec.config.get("image_size", 128)),
                                  seed=int(codec.config.get("seed", 0)))
-    evaluators = {"base": TaskEvaluator(task, int(base_args["num_classes"]))}
+    evaluators = {"base": TaskEvaluator(task, int(base_args["num_classes"]),
+                                        str(base_args.get("depth_target", "depth")))}
     if target == "segmentation":
         evaluators["enhancement"] = TaskEvaluator("segmentation",
                                                   int(codec.model_args["num_classes"]))
@@ -258,7 +265,10 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         originals = recons = []
         base_config = codec.model_args.get("base", {})
         params.update({"alpha": stored.get("alpha"), "N": stored.get("N"), "M": stored.get("M")})
-        tags.update({"task": info["task"], "layer": codec.kind, "alpha": str(stored.get("alpha"))})
+        tags.update({"task": info["task"], "layer": codec.kind, "alpha": str(stored.get("alpha")),
+                     "task_network": str(base_config.get("task_network",
+                                                         codec.model_args.get("task_network",
+                                                                              "latent")))})
         if codec.kind == "scalable":
             tags.update({"method": codec.model_args["method"], "target": info["target"]})
             base_run = stored.get("base_run", "")
