@@ -38,12 +38,7 @@ SMALL_DETECTOR = {"rpn_post_nms_top_n_train": 64, "rpn_post_nms_top_n_test": 32,
                   "box_batch_size_per_image": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def classes(task: str) -> int:

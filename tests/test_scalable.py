@@ -370,7 +370,7 @@ def test_evaluation_scores_each_layer_on_its_own_targets(tmp_path):
 
 
 @pytest.mark.parametrize("beta", [0.0, 20.0])
-def test_the_probe_learns_from_a_detached_latent_and_leaves_the_base_gradients_unchanged(beta):
+def test_the_probe_learns_from_a_detached_latent_and_leaves_the_base_gradients_unchanged(beta, torch_one_thread):
     """Paper 2's reconstruction probe measures the base without shaping it: every base
     parameter gets exactly the gradient it gets without a probe, also after clipping."""
     from taskcodec.config import BaseConfig
@@ -407,7 +407,7 @@ def test_the_probe_learns_from_a_detached_latent_and_leaves_the_base_gradients_u
     assert not torch.equal(joint["g_a.0.weight"], without["g_a.0.weight"])
 
 
-def test_evaluation_logs_the_base_preview_and_the_residual_prediction(tmp_path):
+def test_evaluation_logs_the_base_preview_and_the_residual_prediction(tmp_path, torch_one_thread):
     """psnr_base: the base layer's preview (its probe, else the beta > 0 head), for base and
     scalable files; psnr_pred: a residual codec's prediction from the base; both decoded from
     the base layer of real bytes."""
