@@ -213,6 +213,8 @@ def test_train_base_records_the_network_and_evaluate_rebuilds_it(mlflow_server, 
     assert trained.tags["task_network"] == network
     assert "val_disparity_rmse" in trained.metrics and "val_psnr_base" in trained.metrics
     assert mlflow.get_run(result["run_id"]).data.tags["task_network"] == network
+    artifacts = mlflow.MlflowClient().list_artifacts(result["run_id"], "evaluation")
+    assert {"evaluation/per_image.csv", "evaluation/previews.png"} <= {a.path for a in artifacts}
 
     runs = len(mlflow.search_runs(experiment_names=["image-tasks"]))
     with pytest.raises(ConfigError, match="task_weights=gone.pth: no such file"):

@@ -359,7 +359,8 @@ def test_evaluation_scores_each_layer_on_its_own_targets(tmp_path):
     codec = codec_for(tmp_path, args)
     summary, rows, info = _evaluate_task(
         EvalConfig(checkpoint="unused", data=f"cityscapes:{root}", max_images=2), codec)
-    assert info == {"task": "depth", "target": "segmentation"}
+    assert (info["task"], info["target"]) == ("depth", "segmentation")
+    assert info["previews"] == ([], [])  # a beta = 0 base without a probe shows nothing
     assert len(rows) == 2
     assert {"abs_rel", "rmse", "delta1", "miou", "bpp", "bpp_base", "bpp_enh"} <= set(summary)
     assert summary["bpp"] == pytest.approx(summary["bpp_base"] + summary["bpp_enh"])
@@ -419,7 +420,9 @@ def test_evaluation_logs_the_base_preview_and_the_residual_prediction(tmp_path, 
     probed = {**base_args(), "probe": True}
     residual = codec_for(tmp_path, {**scalable_args("residual"), "base": {**probed, "beta": 0.0}},
                          "residual")
-    summary, rows, _ = _evaluate_task(evaluate, residual)
+    summary, rows, info = _evaluate_task(evaluate, residual)
+    originals, previews = info["previews"]
+    assert len(originals) == len(previews) == 2 and previews[0].shape == (3, SIZE, SIZE)
     x = scene(0)
     with torch.no_grad():
         y_hat_b = residual.model.base(x)["y_hat"]

@@ -36,8 +36,19 @@ class SingleLevelRoIAlign(nn.Module):
         return roi_align(features["0"], boxes, self.output_size, self.spatial_scale, self.sampling_ratio)
 
 
+class DetectionTask:
+    """What every detection network declares, on the latent or in image space."""
+
+    task = "detection"
+    metric_name = "map"
+    higher_is_better = True
+    target_keys = ("boxes", "labels")
+    min_classes = 2
+    min_classes_why = " (the background and at least one object class)"
+
+
 @TASKS.register("detection")
-class DetectionHead(TaskHead):
+class DetectionHead(DetectionTask, TaskHead):
     """Faster R-CNN of Ren et al., "Faster R-CNN: towards real-time object detection with region
     proposal networks" (NeurIPS 2015), with torchvision's RPN and RoI heads on one feature map:
     the adapted latent at stride 8 (``stride / 2**upsample``).
@@ -53,13 +64,6 @@ class DetectionHead(TaskHead):
     ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg`` and their sum
     ``loss``; evaluation returns one ``{"boxes", "labels", "scores"}`` dict per image.
     """
-
-    task = "detection"
-    metric_name = "map"
-    higher_is_better = True
-    target_keys = ("boxes", "labels")
-    min_classes = 2
-    min_classes_why = " (the background and at least one object class)"
 
     def __init__(
         self,

@@ -31,7 +31,7 @@ from taskcodec.config import IMAGE_NETWORKS
 from taskcodec.errors import ConfigError
 from taskcodec.tasks.base import TaskHead
 from taskcodec.tasks.depth import check_depth_target, depth_from_output, depth_losses
-from taskcodec.tasks.detection import check_detection_target
+from taskcodec.tasks.detection import DetectionTask, check_detection_target
 from taskcodec.tasks.segmentation import check_batch, segmentation_loss
 
 log = logging.getLogger(__name__)
@@ -120,17 +120,10 @@ class ImageTaskNetwork(TaskHead):
         return len(usable), len(state)
 
 
-class ImageDetection(ImageTaskNetwork):
+class ImageDetection(DetectionTask, ImageTaskNetwork):
     """Faster R-CNN ResNet-50-FPN v2 of torchvision on the synthesised image. ``min_size`` is
     torchvision's resize of the shorter side (the authors keep its 800); 0 keeps the image's
     size, which is what CPU-sized training wants. The RoI options are torchvision's."""
-
-    task = "detection"
-    metric_name = "map"
-    higher_is_better = True
-    target_keys = ("boxes", "labels")
-    min_classes = 2
-    min_classes_why = " (the background and at least one object class)"
 
     def __init__(self, *, network: str, synthesis: nn.Module, in_channels: int, stride: int = 16,
                  num_classes: int, min_size: int = 0, rpn_post_nms_top_n_train: int = 2000,
