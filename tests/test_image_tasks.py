@@ -211,6 +211,7 @@ def test_train_base_records_the_network_and_evaluate_rebuilds_it(mlflow_server, 
     assert trained.params["task_network"] == "image"
     assert trained.params["synthesis_width"] == "12"
     assert trained.tags["task_network"] == network
+    assert trained.tags["synthesis_width"] == "12"
     assert "val_disparity_rmse" in trained.metrics and "val_psnr_base" in trained.metrics
     assert mlflow.get_run(result["run_id"]).data.tags["task_network"] == network
     artifacts = mlflow.MlflowClient().list_artifacts(result["run_id"], "evaluation")

@@ -353,10 +353,14 @@ class BaseRecipe(Recipe):
                 "reconstruction": "val_psnr"}[self.config.task]
 
     def tags(self):
+        from taskcodec.codecs.scalable import synthesis_width_of
+
         c = self.config
         return {"method": f"base-{c.task}-beta{c.beta:g}", "task": c.task, "alpha": str(c.alpha),
                 "beta": str(c.beta), "layer": "base", "entropy_model": c.entropy_model,
-                "task_network": resolve_task_network(c.task, c.task_network)}
+                "task_network": resolve_task_network(c.task, c.task_network),
+                # The width in use (the synthesis_width param says 0 for the default).
+                "synthesis_width": str(synthesis_width_of(c.N, c.synthesis_width))}
 
 
 # -- scalable coding: the enhancement layer -------------------------------------------------

@@ -144,6 +144,12 @@ def _strings_of(strings: list, item: int = 0) -> list:
     return [s[item] if isinstance(s, list) else s for s in strings]
 
 
+def synthesis_width_of(N: int, width: int = 0) -> int:
+    """The width of a base's synthesis transforms: ``width``, or by default half of N (at
+    least 8) - light, since a probe or a beta > 0 head only has to show what y_hat keeps."""
+    return width or max(N // 2, 8)
+
+
 class BaseModel(CompressionModel):
     """The task base layer: g_a -> entropy model -> y_hat_b -> task network (+ synthesis).
 
@@ -166,7 +172,7 @@ class BaseModel(CompressionModel):
         if task not in BASE_TASKS:
             raise ConfigError(f"task={task!r} is not one of: {', '.join(BASE_TASKS)}")
         self.task_name, self.N, self.M = task, N, M
-        self.synthesis_width = synthesis_width or max(N // 2, 8)
+        self.synthesis_width = synthesis_width_of(N, synthesis_width)
         self.g_a = analysis(N, M)
         self.coder = build_coder(entropy_model, M, N)
         self.probe = None
