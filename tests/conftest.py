@@ -168,3 +168,15 @@ def _module_env(tracking_uri: str, work: Path, experiment: str) -> Iterator[None
 def module_env():
     """``_module_env`` as a fixture: ``with module_env(uri, folder, "experiment"): train(...)``."""
     return _module_env
+
+
+@pytest.fixture
+def torch_one_thread() -> Iterator[None]:
+    """One torch thread for the test: tiny models gain nothing from threads, and on a busy
+    machine waiting for a second core makes each step many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -359,11 +359,88 @@ def test_evaluation_scores_each_layer_on_its_own_targets(tmp_path):
     codec = codec_for(tmp_path, args)
     summary, rows, info = _evaluate_task(
         EvalConfig(checkpoint="unused", data=f"cityscapes:{root}", max_images=2), codec)
-    assert info == {"task": "depth", "target": "segmentation"}
+    assert (info["task"], info["target"]) == ("depth", "segmentation")
+    assert info["previews"] == ([], [])  # a beta = 0 base without a probe shows nothing
     assert len(rows) == 2
     assert {"abs_rel", "rmse", "delta1", "miou", "bpp", "bpp_base", "bpp_enh"} <= set(summary)
     assert summary["bpp"] == pytest.approx(summary["bpp_base"] + summary["bpp_enh"])
     assert 0 <= summary["miou"] <= 1
+
+
+# --- 4. the base layer's reconstruction probe and previews ------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 20.0])
+def test_the_probe_learns_from_a_detached_latent_and_leaves_the_base_gradients_unchanged(beta, torch_one_thread):
+    """Paper 2's reconstruction probe measures the base without shaping it: every base
+    parameter gets exactly the gradient it gets without a probe, also after clipping."""
+    from taskcodec.config import BaseConfig
+    from taskcodec.recipes import BaseRecipe
+
+    args = {**base_args("detection"), "synthesis_head": beta > 0}
+    torch.manual_seed(0)
+    plain, probed = build_from_args(args), build_from_args({**args, "probe": True})
+    missing, unexpected = probed.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("probe.") for k in missing) and not unexpected
+    recipe = BaseRecipe(BaseConfig.from_dict({"beta": beta, "N": N, "M": M, "image_size": SIZE,
+                                              "clip_max_norm": 0.01}))
+    items = [ScenesDataset("train", size=SIZE)[i] for i in range(2)]
+    x, targets = torch.stack([image for image, _ in items]), [t for _, t in items]
+
+    def gradients(model, groups):
+        model.train().zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same quantisation noise and sampled anchors
+        parts = recipe._parts(model, x, targets, model(x, targets))
+        parts["loss"].backward()
+        for group in groups(model):
+            torch.nn.utils.clip_grad_norm_(group, 0.01)
+        return parts, {n: p.grad for n, p in model.named_parameters()}
+
+    _, without = gradients(plain, recipe.clip_groups)
+    parts, with_probe = gradients(probed, recipe.clip_groups)
+    assert parts["probe_mse"] > 0 and ("recon_mse" in parts) == (beta > 0)
+    for name, grad in without.items():  # (the quantiles have none: they are the aux loss's)
+        assert (grad is None and with_probe[name] is None) or torch.equal(grad, with_probe[name]), name
+    probe = [n for n in with_probe if n.startswith("probe.")]
+    assert probe and all(with_probe[n].abs().sum() > 0 for n in probe)
+    # Clipped together, the probe's gradients would change the base's: why it has its own group.
+    _, joint = gradients(probed, lambda model: [list(model.parameters())])
+    assert not torch.equal(joint["g_a.0.weight"], without["g_a.0.weight"])
+
+
+def test_evaluation_logs_the_base_preview_and_the_residual_prediction(tmp_path, torch_one_thread):
+    """psnr_base: the base layer's preview (its probe, else the beta > 0 head), for base and
+    scalable files; psnr_pred: a residual codec's prediction from the base; both decoded from
+    the base layer of real bytes."""
+    from taskcodec.config import EvalConfig
+    from taskcodec.evaluate import _evaluate_task
+    from taskcodec.metrics import psnr
+
+    evaluate = EvalConfig(checkpoint="unused", max_images=2)
+    probed = {**base_args(), "probe": True}
+    residual = codec_for(tmp_path, {**scalable_args("residual"), "base": {**probed, "beta": 0.0}},
+                         "residual")
+    summary, rows, info = _evaluate_task(evaluate, residual)
+    originals, previews = info["previews"]
+    assert len(originals) == len(previews) == 2 and previews[0].shape == (3, SIZE, SIZE)
+    x = scene(0)
+    with torch.no_grad():
+        y_hat_b = residual.model.base(x)["y_hat"]
+        preview = residual.model.base.probe(y_hat_b).clamp(0, 1)
+        prediction = residual.model.enhancement.predictor(y_hat_b).clamp(0, 1)
+    assert rows[0]["psnr_base"] == pytest.approx(psnr(x, preview), rel=1e-5)
+    assert rows[0]["psnr_pred"] == pytest.approx(psnr(x, prediction), rel=1e-5)
+    assert summary["psnr_base"] == pytest.approx((rows[0]["psnr_base"] + rows[1]["psnr_base"]) / 2)
+
+    evaluate = EvalConfig(checkpoint="unused", max_images=1)
+    head_only = codec_for(tmp_path, {**base_args(), "synthesis_head": True}, "beta")
+    summary, rows, _ = _evaluate_task(evaluate, head_only)
+    with torch.no_grad():
+        preview = head_only.model.g_s(head_only.model(x)["y_hat"]).clamp(0, 1)
+    assert rows[0]["psnr_base"] == pytest.approx(psnr(x, preview), rel=1e-5)
+    assert "psnr_pred" not in summary
+    summary, _, _ = _evaluate_task(evaluate, codec_for(tmp_path, base_args(), "plain"))
+    assert "psnr_base" not in summary  # beta = 0 without a probe shows nothing
 
 
 # --- 5. refused settings (no server needed) ---------------------------------------------------
@@ -478,7 +555,8 @@ def test_evaluate_logs_the_rate_of_each_layer_and_both_tasks(runs, mlflow_server
     out = run_ok("evaluate", "--checkpoint", runs.enhancement, "--max-images", "2")
     run = client(mlflow_server.uri).get_run(run_id_from(out))
     metrics = run.data.metrics
-    assert {"bpp", "bpp_base", "bpp_enh", "psnr", "ms_ssim", "map", "map50"} <= set(metrics)
+    assert {"bpp", "bpp_base", "bpp_enh", "psnr", "ms_ssim", "map", "map50",
+            "psnr_base"} <= set(metrics)  # the base trained a probe (on by default)
     assert metrics["bpp"] == pytest.approx(metrics["bpp_base"] + metrics["bpp_enh"], rel=1e-9)
     assert 0 < metrics["bpp_enh"] < metrics["bpp"] and 0 < metrics["bpp_base"] < metrics["bpp"]
     assert 0 < metrics["psnr"] < 100 and 0 <= metrics["map"] <= 1

@@ -10,7 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from taskcodec.data import Cityscapes, CocoDetection, build_task_dataset, collate, describe
+from taskcodec.data import (
+    Cityscapes,
+    CocoDetection,
+    ScenesDataset,
+    build_task_dataset,
+    collate,
+    describe,
+)
 from taskcodec.data.cityscapes import BASELINE_M, FOCAL_PX
 from taskcodec.errors import ConfigError, DataError
 from taskcodec.metrics import detection_map
@@ -228,6 +235,25 @@ def test_cityscapes_disparity_becomes_metric_depth(cityscapes):
     depth_default = ds[1][1]["depth"]  # bochum has none: the usual constants
     assert float(depth_default[0, 20]) == pytest.approx(BASELINE_M * FOCAL_PX, rel=1e-6)
     assert float(depth_default[0, 30]) == pytest.approx(BASELINE_M * FOCAL_PX / 10, rel=1e-6)
+
+
+def test_cityscapes_and_scenes_also_carry_disparity_in_pixels(cityscapes):
+    """The papers' authors regress Cityscapes disparity (px of the full frame), not depth."""
+    from taskcodec.data.scenes import BASELINE_FOCAL
+
+    for index in (0, 1):  # with and without a camera file: disparity is the file's, unscaled
+        disparity = Cityscapes(cityscapes, "val")[index][1]["disparity"]
+        assert disparity.dtype == torch.float32 and disparity.shape == (CH, CW)
+        assert disparity[:, :16].eq(0).all()          # raw 0 and raw 1 are invalid
+        assert disparity[:, 16:24].eq(1.0).all() and disparity[:, 24:].eq(10.0).all()
+    small = Cityscapes(cityscapes, "val", scale=0.5, crop=(4, 6), train=True, hflip=True)[0][1]
+    assert small["disparity"].shape == small["depth"].shape == (4, 6)
+    assert set(small["disparity"].unique().tolist()) <= {0.0, 1.0, 10.0}
+    assert torch.equal(small["disparity"] > 0, small["depth"] > 0)  # moved together
+
+    target = ScenesDataset("val", size=64)[0][1]
+    torch.testing.assert_close(target["disparity"] * target["depth"],
+                               torch.full((64, 64), BASELINE_FOCAL))
 
 
 def test_cityscapes_scale_keeps_labels_and_depths_unblended(cityscapes):

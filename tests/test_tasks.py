@@ -255,6 +255,38 @@ def test_depth_head_losses_by_hand():
         assert torch.allclose(model(latent(), SIZE), torch.full((2, 1, *SIZE), 2.0))
 
 
+def test_disparity_is_regressed_in_pixels_and_scored_as_rmse_by_hand():
+    """The papers' depth target: disparity = 128 * output, loss and score the RMSE in px."""
+    from taskcodec.recipes import TaskEvaluator
+
+    model = DepthHead(in_channels=C, num_classes=1, channels=8, target="disparity").train()
+    assert model.metric_name == "disparity_rmse" and model.target_keys == ("disparity",)
+    with torch.no_grad():
+        model.regressor[-1].weight.zero_()
+        model.regressor[-1].bias.fill_(0.0625)  # predicts 8 px everywhere
+    first = torch.full(SIZE, 5.0)
+    first[:8] = 0  # invalid: 24 x 48 = 1152 valid pixels, error 3
+    second = torch.full(SIZE, 8.0)
+    second[:, :24] = 12.0  # 768 pixels with error 0, 768 with error 4
+    out = model(latent(), SIZE, [{"disparity": first}, {"disparity": second}])
+    assert set(out) == {"loss_rmse", "loss"}
+    rmse = math.sqrt((1152 * 9 + 768 * 16) / (1152 + 1536))  # over the batch's valid pixels
+    assert out["loss_rmse"].item() == pytest.approx(rmse, rel=1e-5)
+    with pytest.raises(ValueError, match='depth target 0 has no "disparity"'):
+        model(latent(), SIZE, [{"depth": first}, {"depth": second}])
+
+    model.eval()
+    with torch.no_grad():
+        prediction = model(latent(), SIZE)
+    assert torch.allclose(prediction, torch.full((2, 1, *SIZE), 8.0))
+    evaluator = TaskEvaluator("depth", 1, depth_target="disparity")
+    evaluator.add(prediction[:1], [{"disparity": first}])
+    evaluator.add(prediction[1:], [{"disparity": second}])
+    scores = evaluator.result()   # per image, then the mean over images
+    assert set(scores) == {"disparity_abs_rel", "disparity_rmse", "disparity_delta1"}
+    assert scores["disparity_rmse"] == pytest.approx((3.0 + math.sqrt(8.0)) / 2, rel=1e-6)
+
+
 def test_classification_cross_entropy_by_hand():
     model = build_task("classification", in_channels=C, num_classes=2, channels=8).train()
     with torch.no_grad():

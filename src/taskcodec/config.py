@@ -230,7 +230,39 @@ class TrainConfig(LoopConfig):
 
 TASK_MONITORS = ("auto", "val_loss", "val_bpp", "val_task_loss", "val_map", "val_map50", "val_miou",
                  "val_pixel_accuracy", "val_abs_rel", "val_rmse", "val_delta1", "val_accuracy",
-                 "val_psnr")
+                 "val_psnr", "val_disparity_rmse", "val_psnr_base")
+#: The image-space task networks (torchvision builders, :mod:`taskcodec.tasks.image`) and the
+#: task each serves; named here so that a config is checked without importing torch.
+IMAGE_NETWORKS = {
+    "fasterrcnn_resnet50_fpn_v2": "detection",
+    "lraspp_mobilenet_v3_large": "depth",
+    "deeplabv3_mobilenet_v3_large": "segmentation",
+    "deeplabv3_resnet50": "segmentation",
+}
+#: ``task_network=image``: the network the papers' authors use for each task.
+DEFAULT_IMAGE_NETWORKS = {"detection": "fasterrcnn_resnet50_fpn_v2",
+                          "depth": "lraspp_mobilenet_v3_large",
+                          "segmentation": "deeplabv3_mobilenet_v3_large"}
+#: What feeds a base's task: a head on the latent, or a torchvision network on a synthesis of it.
+TASK_NETWORKS = ("latent", "image", *IMAGE_NETWORKS)
+
+
+def resolve_task_network(task: str, choice: str) -> str:
+    """``"latent"`` or the torchvision network ``choice`` means for ``task`` (``"image"``: the
+    authors' one); a one-line :class:`ConfigError` when it does not serve the task."""
+    if choice == "latent":
+        return choice
+    if choice == "image":
+        if task not in DEFAULT_IMAGE_NETWORKS:
+            raise ConfigError(f"task_network=image is available for "
+                              f"{', '.join(DEFAULT_IMAGE_NETWORKS)}, not task={task}")
+        return DEFAULT_IMAGE_NETWORKS[task]
+    if choice not in IMAGE_NETWORKS:
+        raise ConfigError(f"task_network={choice!r} is not one of: {', '.join(TASK_NETWORKS)}")
+    if IMAGE_NETWORKS[choice] != task:
+        raise ConfigError(f"task_network={choice} is a {IMAGE_NETWORKS[choice]} network, not a "
+                          f"{task} one")
+    return choice
 
 
 @dataclass
@@ -261,11 +293,34 @@ class BaseConfig(LoopConfig):
                       "representation; > 0: task-compatible)", min=0)
     image_size: int = opt(128, "side of the procedural scenes (data=scenes) or of the "
                           "training crops of COCO/Cityscapes", min=32, max=4096)
+    task_network: str = opt("latent", "what runs the task: latent (a small head on the latent) "
+                            "or a torchvision network on a synthesis of it, as the papers' "
+                            "authors do (image: their network for the task)",
+                            choices=TASK_NETWORKS)
+    task_weights: str = opt("", "image-space networks: a torchvision state dict to start from "
+                            "(a file, a file name in the torch hub cache, or 'hub' for "
+                            "torchvision's default weights file there); never downloaded")
+    detection_min_size: int = opt(0, "image-space detection: torchvision's resize of the "
+                                  "shorter side (0: none; the authors keep torchvision's 800)",
+                                  min=0, max=4096)
+    synthesis_width: int = opt(0, "channels of the base's synthesis transforms (beta > 0 head, "
+                               "probe, image-space task decoder; 0: N / 2)", min=0, max=1024)
+    probe: bool = opt(True, "train a reconstruction probe on the detached latent (it cannot "
+                      "shape the representation): the base layer's preview")
+    depth_target: str = opt("depth", "task=depth: regress metric depth (m) or stereo disparity "
+                            "(px, RMSE as the papers report)", choices=("depth", "disparity"))
 
     def check(self) -> None:
         super().check()
         if self.image_size % PAD_MULTIPLE:
             raise ConfigError(f"image_size={self.image_size} must be a multiple of {PAD_MULTIPLE}")
+        if self.depth_target != "depth" and self.task != "depth":
+            raise ConfigError(f"depth_target={self.depth_target} needs task=depth")
+        if self.task_network != "latent":
+            resolve_task_network(self.task, self.task_network)
+        elif self.task_weights:
+            raise ConfigError("task_weights loads a torchvision network: it needs "
+                              "task_network=image (or a network name)")
 
 
 @dataclass

@@ -262,6 +262,8 @@ class Trainer:
         elif config.init_from:
             init_weights(model, config.init_from)
             self.logger.set_tags({"init_from": config.init_from})
+        else:
+            recipe.initialise(model)
         train_set, val_set = recipe.datasets()
         # Under DDP an epoch still covers the data set once: each rank takes its share.
         steps_per_epoch = max(1, len(train_set) // (config.batch_size * self.dist.world_size))
@@ -330,7 +332,8 @@ class Trainer:
                     f"lower lr={config.lr} or {weights}, or check the data{saved}")
             loss.backward()
             if config.clip_max_norm > 0:
-                nn.utils.clip_grad_norm_(trainable.parameters(), config.clip_max_norm)
+                for group in self.recipe.clip_groups(trainable):
+                    nn.utils.clip_grad_norm_(group, config.clip_max_norm)
             optimizer.step()
             aux = model.aux_loss()
             aux.backward()

@@ -3,7 +3,8 @@
 Rates are counted from the bytes of the taskcodec file (header included), next to the rate
 the likelihoods promise; quality is PSNR and MS-SSIM of the decoded image against the original.
 Everything is logged to a new MLflow run linked to the evaluated one, with a per-image CSV
-and a picture of originals over reconstructions.
+and a picture of originals over reconstructions (over the base layer's previews, for task
+codecs whose base has a probe or a synthesis head).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ TABLE_COLUMNS = (("bpp", "bpp", ".3f"), ("bpp_base", "bpp base", ".3f"),
                  ("bpp_enh", "bpp enh", ".3f"), ("psnr", "PSNR dB", ".2f"),
                  ("ms_ssim", "MS-SSIM", ".4f"), ("map", "mAP", ".4f"), ("map50", "mAP@.5", ".4f"),
                  ("miou", "mIoU", ".4f"), ("abs_rel", "AbsRel", ".4f"),
+                 ("disparity_rmse", "disp RMSE", ".3f"), ("psnr_base", "PSNR base", ".2f"),
                  ("accuracy", "accuracy", ".4f"))
 
 
@@ -133,7 +135,7 @@ def _layer_bytes(codec: LoadedCodec, data: bytes) -> dict[str, int]:
 
 
 def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
-                         evaluators: dict) -> dict[str, float]:
+                         evaluators: dict, previews: list | None = None) -> dict[str, float]:
     """Code one sample with the layered format; decode the base alone, then both layers."""
     x = image.unsqueeze(0)
     height, width = x.shape[-2:]
@@ -149,6 +151,13 @@ def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
     row = {"bpp": bpp_from_bytes(len(data), int(height), int(width)),
            "bpp_base": 8 * sizes["base"] / pixels, "encode_time": encode_time,
            "decode_base_time": decode_base_time}
+    # Previews apart from the timed decoding: the base layer alone, seen by a human.
+    shown = codec.decompress(data, layers={"base"}, previews=True) if codec.has_previews else {}
+    for key, name in (("preview", "psnr_base"), ("prediction", "psnr_pred")):
+        if key in shown:
+            row[name] = psnr(x, shown[key])
+    if previews is not None and "preview" in shown:
+        previews.append(shown["preview"][0])
     if codec.kind == "scalable":
         start = time.perf_counter()
         full = codec.decompress(data)
@@ -183,15 +192,18 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
                                  task=(task, "segmentation") if target == "segmentation" else task,
                                  size=int(codec.config.get("image_size", 128)),
                                  seed=int(codec.config.get("seed", 0)))
-    evaluators = {"base": TaskEvaluator(task, int(base_args["num_classes"]))}
+    evaluators = {"base": TaskEvaluator(task, int(base_args["num_classes"]),
+                                        str(base_args.get("depth_target", "depth")))}
     if target == "segmentation":
         evaluators["enhancement"] = TaskEvaluator("segmentation",
                                                   int(codec.model_args["num_classes"]))
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
-    rows = []
+    rows, originals, previews = [], [], []
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
         image, sample_target = dataset[i]
-        rows.append({"index": i, **evaluate_task_sample(codec, image, sample_target, evaluators)})
+        rows.append({"index": i, **evaluate_task_sample(codec, image, sample_target, evaluators,
+                                                        previews)})
+        originals.append(image)
     summary = {k: average(r[k] for r in rows) for k in rows[0] if k != "index"}
     base_metrics = evaluators["base"].result()
     if task == "reconstruction":
@@ -200,7 +212,8 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
         summary.update(base_metrics)
     if "enhancement" in evaluators:
         summary.update(evaluators["enhancement"].result())
-    return summary, rows, {"task": task, "target": target}
+    return summary, rows, {"task": task, "target": target,
+                           "previews": (originals[:len(previews)], previews)}
 
 
 def _evaluate_images(config: EvalConfig, codec: LoadedCodec
@@ -255,10 +268,13 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         tags["method"] = codec.name
     else:
         summary, rows, info = _evaluate_task(config, codec)
-        originals = recons = []
+        originals, recons = info["previews"]  # what the base layer alone shows
         base_config = codec.model_args.get("base", {})
         params.update({"alpha": stored.get("alpha"), "N": stored.get("N"), "M": stored.get("M")})
-        tags.update({"task": info["task"], "layer": codec.kind, "alpha": str(stored.get("alpha"))})
+        tags.update({"task": info["task"], "layer": codec.kind, "alpha": str(stored.get("alpha")),
+                     "task_network": str(base_config.get("task_network",
+                                                         codec.model_args.get("task_network",
+                                                                              "latent")))})
         if codec.kind == "scalable":
             tags.update({"method": codec.model_args["method"], "target": info["target"]})
             base_run = stored.get("base_run", "")
@@ -287,8 +303,9 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
             folder.mkdir(parents=True, exist_ok=True)
             mlflow.log_artifact(str(_write_rows(rows, folder / "per_image.csv")), "evaluation")
             if originals:
-                mlflow.log_artifact(str(save_grid(originals, recons,
-                                                  folder / "reconstructions.png")), "evaluation")
+                name = "reconstructions.png" if codec.kind == "codec" else "previews.png"
+                mlflow.log_artifact(str(save_grid(originals, recons, folder / name)),
+                                    "evaluation")
     finally:
         if started:
             mlflow.end_run()

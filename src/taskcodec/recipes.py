@@ -21,7 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskcodec.config import PAD_MULTIPLE, BaseConfig, EnhancementConfig, LoopConfig, TrainConfig, higher_is_better
+from taskcodec.config import (
+    PAD_MULTIPLE,
+    BaseConfig,
+    EnhancementConfig,
+    LoopConfig,
+    TrainConfig,
+    higher_is_better,
+    resolve_task_network,
+)
 from taskcodec.data.transforms import crop_padding, pad_to_multiple
 from taskcodec.errors import CheckpointError
 from taskcodec.metrics import bpp_from_likelihoods, ms_ssim, psnr
@@ -65,6 +73,14 @@ class Recipe:
     def trainable(self, model: nn.Module) -> nn.Module:
         """The part whose parameters the optimizers update (all of it by default)."""
         return model
+
+    def initialise(self, model: nn.Module) -> None:
+        """Set up a model that starts from scratch (not resumed, not init_from)."""
+
+    def clip_groups(self, model: nn.Module) -> list[list[nn.Parameter]]:
+        """Parameter groups whose gradient norms are clipped each on its own (one by default):
+        a part trained apart, such as a probe, must not change the others' clipping."""
+        return [list(model.parameters())]
 
 
 def _num_pixels(x: Tensor) -> int:
@@ -163,10 +179,10 @@ def _class_counts(dataset: Any, task: str) -> int:
 class TaskEvaluator:
     """Accumulates a task's metrics over a data set (pure metric functions underneath)."""
 
-    def __init__(self, task: str, num_classes: int) -> None:
+    def __init__(self, task: str, num_classes: int, depth_target: str = "depth") -> None:
         from taskcodec.metrics import ConfusionMatrix
 
-        self.task, self.num_classes = task, num_classes
+        self.task, self.num_classes, self.depth_target = task, num_classes, depth_target
         self.detections: list[dict] = []
         self.targets: list[dict] = []
         self.confusion = ConfusionMatrix(num_classes) if task == "segmentation" else None
@@ -184,9 +200,12 @@ class TaskEvaluator:
             mask = torch.stack([t["mask"] for t in targets]).to(prediction.device)
             self.confusion.update(prediction.argmax(1), mask)
         elif self.task == "depth":
-            depth = torch.stack([t["depth"] for t in targets]).to(prediction.device)
-            for k, v in depth_errors(prediction[:, 0], depth).items():
-                self.sums[k] = self.sums.get(k, 0.0) + v * len(targets)
+            # Disparity is scored with the same errors, named disparity_* (RMSE in pixels).
+            key = self.depth_target
+            prefix = "" if key == "depth" else f"{key}_"
+            reference = torch.stack([t[key] for t in targets]).to(prediction.device)
+            for k, v in depth_errors(prediction[:, 0], reference).items():
+                self.sums[prefix + k] = self.sums.get(prefix + k, 0.0) + v * len(targets)
             self.count += len(targets)
         elif self.task == "classification":
             labels = torch.stack([t["label"] for t in targets]).to(prediction.device)
@@ -227,15 +246,45 @@ class BaseRecipe(Recipe):
         train, _ = self.datasets()
         return {"kind": "base", "N": c.N, "M": c.M, "task": c.task,
                 "entropy_model": c.entropy_model, "num_classes": _class_counts(train, c.task),
-                "synthesis_head": c.beta > 0}
+                "synthesis_head": c.beta > 0,
+                "task_network": resolve_task_network(c.task, c.task_network),
+                "synthesis_width": c.synthesis_width,
+                "probe": c.probe and c.task != "reconstruction",
+                "depth_target": c.depth_target, "detection_min_size": c.detection_min_size}
 
     @staticmethod
     def build_model(args):
         from taskcodec.codecs.scalable import BaseModel
 
+        # Checkpoints older than the image-space networks and probes lack those keys.
         return BaseModel(N=int(args["N"]), M=int(args["M"]), task=args["task"],
                          entropy_model=args["entropy_model"], num_classes=int(args["num_classes"]),
-                         synthesis_head=bool(args["synthesis_head"]))
+                         synthesis_head=bool(args["synthesis_head"]),
+                         task_network=str(args.get("task_network", "latent")),
+                         synthesis_width=int(args.get("synthesis_width", 0)),
+                         probe=bool(args.get("probe", False)),
+                         depth_target=str(args.get("depth_target", "depth")),
+                         detection_min_size=int(args.get("detection_min_size", 0)),
+                         task_kwargs=args.get("task_kwargs"))
+
+    def _weights_file(self):
+        from taskcodec.tasks.image import resolve_weights
+
+        c = self.config
+        return resolve_weights(c.task_weights, resolve_task_network(c.task, c.task_network))
+
+    def prepare(self) -> None:
+        if self.config.task_weights:
+            self._weights_file()  # a missing file is refused before a run starts
+
+    def initialise(self, model) -> None:
+        if self.config.task_weights:
+            model.task.load_network_weights(self._weights_file())
+
+    def clip_groups(self, model):
+        probe = [] if model.probe is None else list(model.probe.parameters())
+        ids = {id(p) for p in probe}
+        return [[p for p in model.parameters() if id(p) not in ids]] + ([probe] if probe else [])
 
     def _parts(self, model, x: Tensor, targets: list[dict], out: dict) -> dict[str, Tensor]:
         c = self.config
@@ -251,6 +300,10 @@ class BaseRecipe(Recipe):
         if c.beta > 0 and c.task != "reconstruction":
             parts["recon_mse"] = F.mse_loss(out["x_hat"], x)
             loss = loss + c.beta * parts["recon_mse"]
+        if "x_probe" in out:
+            # The probe sees a detached latent: this term trains the probe and nothing else.
+            parts["probe_mse"] = F.mse_loss(out["x_probe"], x)
+            loss = loss + parts["probe_mse"]
         parts["loss"] = loss
         return parts
 
@@ -264,7 +317,7 @@ class BaseRecipe(Recipe):
     def validate(self, model, dataset, device):
         c = self.config
         args = self.model_args()
-        evaluator = TaskEvaluator(c.task, int(args["num_classes"]))
+        evaluator = TaskEvaluator(c.task, int(args["num_classes"]), c.depth_target)
         sums: dict[str, float] = {}
         count = _limit(dataset, c.max_val_images)
         with torch.no_grad():
@@ -280,6 +333,9 @@ class BaseRecipe(Recipe):
                 evaluator.add(prediction, targets, x)
                 if c.beta > 0 and "x_hat" in out and model.task is not None:
                     sums["psnr"] = sums.get("psnr", 0.0) + psnr(x, out["x_hat"].clamp(0, 1))
+                preview = model.preview(out["y_hat"]) if model.task is not None else None
+                if preview is not None:  # what the base layer alone shows
+                    sums["psnr_base"] = sums.get("psnr_base", 0.0) + psnr(x, preview)
         result = {f"val_{k}": v for k, v in _mean(sums, count).items()}
         result.update({f"val_{k}": v for k, v in evaluator.result().items()})
         return result
@@ -288,14 +344,21 @@ class BaseRecipe(Recipe):
     def monitor(self) -> str:
         if self.config.monitor != "auto":
             return self.config.monitor
+        if self.config.depth_target == "disparity":
+            return "val_disparity_rmse"
         return {"detection": "val_map", "segmentation": "val_miou", "depth": "val_abs_rel",
                 "classification": "val_accuracy",
                 "reconstruction": "val_psnr"}[self.config.task]
 
     def tags(self):
+        from taskcodec.codecs.scalable import synthesis_width_of
+
         c = self.config
         return {"method": f"base-{c.task}-beta{c.beta:g}", "task": c.task, "alpha": str(c.alpha),
-                "beta": str(c.beta), "layer": "base", "entropy_model": c.entropy_model}
+                "beta": str(c.beta), "layer": "base", "entropy_model": c.entropy_model,
+                "task_network": resolve_task_network(c.task, c.task_network),
+                # The width in use (the synthesis_width param says 0 for the default).
+                "synthesis_width": str(synthesis_width_of(c.N, c.synthesis_width))}
 
 
 # -- scalable coding: the enhancement layer -------------------------------------------------

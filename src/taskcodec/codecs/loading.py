@@ -49,6 +49,16 @@ class LoadedCodec:
         args = self.model_args.get("base", self.model_args)
         return str(args.get("task", "reconstruction"))
 
+    @property
+    def has_previews(self) -> bool:
+        """Whether decoding with ``previews=True`` gives a preview or a prediction."""
+        if self.kind == "codec":
+            return False
+        base = self.model.base if self.kind == "scalable" else self.model
+        enhancement = getattr(self.model, "enhancement", None)
+        return (base.task is not None and (base.probe is not None or base.g_s is not None)) \
+            or getattr(enhancement, "predictor", None) is not None
+
     # -- encoding ------------------------------------------------------------------------------
     def compress(self, x: Tensor) -> bytes:
         """One image (3xHxW or 1x3xHxW, in [0, 1]) -> the bytes of a taskcodec file."""
@@ -79,12 +89,15 @@ class LoadedCodec:
                                  f"{self.name} writes {', '.join(self.layer_names)}")
         return header, by_name
 
-    def decompress(self, data: bytes, layers: Collection[str] | None = None) -> dict[str, Any]:
+    def decompress(self, data: bytes, layers: Collection[str] | None = None,
+                   previews: bool = False) -> dict[str, Any]:
         """Decode a file. ``layers={"base"}`` decodes only the base layer (machine task).
 
         Returns ``x_hat`` (1x3xHxW) when the file carries a reconstruction, ``task`` (the
         machine task's prediction at the image's size) when it carries a base layer, and
-        ``logits`` for an enhancement serving segmentation.
+        ``logits`` for an enhancement serving segmentation. With ``previews``, also what the
+        base layer alone shows a human: ``preview`` (the base's probe or synthesis head) and,
+        for a residual enhancement, ``prediction`` (its predictor's image).
         """
         header, by_name = self.read(data, layers)
         padded, pads = pad_to_multiple(torch.empty(1, 0, header.height, header.width),
@@ -100,6 +113,8 @@ class LoadedCodec:
                 base = self.model.base if self.kind == "scalable" else self.model
                 y_hat_b = base.decompress(**by_name["base"].to_compressed())["y_hat"]
                 result["task"] = _crop_task(base.run_task(y_hat_b, size), size, pads)
+                if previews:
+                    result.update(self._previews(base, y_hat_b, size, pads))
                 if "enhancement" in by_name:
                     out = self.model.enhancement.decompress(
                         **by_name["enhancement"].to_compressed(), y_hat_b=y_hat_b)
@@ -110,6 +125,17 @@ class LoadedCodec:
         except Exception as err:  # malformed shapes that still passed the CRC
             raise BitstreamError(f"cannot decode this bitstream: {_first_line(err)}") from None
         return result
+
+    def _previews(self, base: nn.Module, y_hat_b: Tensor, size: tuple[int, int], pads
+                  ) -> dict[str, Tensor]:
+        out = {}
+        preview = base.preview(y_hat_b)
+        if preview is not None:
+            out["preview"] = self._crop(preview, size, pads)
+        predictor = getattr(getattr(self.model, "enhancement", None), "predictor", None)
+        if predictor is not None:
+            out["prediction"] = self._crop(predictor(y_hat_b).clamp(0, 1), size, pads)
+        return out
 
     @staticmethod
     def _crop(t: Tensor, size: tuple[int, int], pads) -> Tensor:

@@ -144,41 +144,75 @@ def _strings_of(strings: list, item: int = 0) -> list:
     return [s[item] if isinstance(s, list) else s for s in strings]
 
 
+def synthesis_width_of(N: int, width: int = 0) -> int:
+    """The width of a base's synthesis transforms: ``width``, or by default half of N (at
+    least 8) - light, since a probe or a beta > 0 head only has to show what y_hat keeps."""
+    return width or max(N // 2, 8)
+
+
 class BaseModel(CompressionModel):
-    """The task base layer: g_a -> entropy model -> y_hat_b -> task head (+ light synthesis).
+    """The task base layer: g_a -> entropy model -> y_hat_b -> task network (+ synthesis).
 
     ``task="reconstruction"`` makes the base a plain image codec (its synthesis is the task).
+    ``task_network`` is ``"latent"`` (a small head on the latent, :mod:`taskcodec.tasks`) or a
+    torchvision network fed by a synthesis of the latent (:mod:`taskcodec.tasks.image`).
+    ``probe=True`` adds a reconstruction probe: a synthesis trained on the *detached* latent,
+    which measures how much of the input the base keeps without shaping it (paper 2's
+    "Baseline" reconstruction); it is the base layer's preview. ``synthesis_width`` is the width
+    of every synthesis of the base (the beta > 0 head, the probe, the image-space task decoder);
+    0 means half of N (at least 8).
     """
 
     def __init__(self, *, N: int, M: int, task: str, entropy_model: str = "factorized",
                  num_classes: int = 1, synthesis_head: bool = False,
-                 task_kwargs: dict[str, Any] | None = None) -> None:
+                 task_kwargs: dict[str, Any] | None = None, task_network: str = "latent",
+                 synthesis_width: int = 0, probe: bool = False,
+                 depth_target: str = "depth", detection_min_size: int = 0) -> None:
         super().__init__()
         if task not in BASE_TASKS:
             raise ConfigError(f"task={task!r} is not one of: {', '.join(BASE_TASKS)}")
         self.task_name, self.N, self.M = task, N, M
+        self.synthesis_width = synthesis_width_of(N, synthesis_width)
         self.g_a = analysis(N, M)
         self.coder = build_coder(entropy_model, M, N)
+        self.probe = None
         if task == "reconstruction":
             self.task = None
             self.g_s = synthesis(M, N)
-        else:
+            return
+        kwargs = dict(task_kwargs or {})
+        if task == "depth":
+            kwargs.setdefault("target", depth_target)
+        if task_network == "latent":
             from taskcodec.tasks import build_task
 
             self.task = build_task(task, in_channels=M, stride=16, num_classes=num_classes,
-                                   **(task_kwargs or {}))
-            # The task-compatible variant's reconstruction head: light (half width), since it
-            # only has to keep the representation informative, not to be a good decoder.
-            self.g_s = synthesis(M, max(N // 2, 8)) if synthesis_head else None
+                                   **kwargs)
+        else:
+            from taskcodec.tasks.image import build_image_task
+
+            if task == "detection":
+                kwargs.setdefault("min_size", detection_min_size)
+            self.task = build_image_task(task_network, synthesis=synthesis(M, self.synthesis_width),
+                                         in_channels=M, stride=16, num_classes=num_classes,
+                                         **kwargs)
+        # The task-compatible variant's reconstruction head: light by default, since it only
+        # has to keep the representation informative, not to be a good decoder.
+        self.g_s = synthesis(M, self.synthesis_width) if synthesis_head else None
+        if probe:
+            self.probe = synthesis(M, self.synthesis_width)
 
     def forward(self, x: Tensor, targets: list[dict] | None = None) -> dict[str, Any]:
         """Training/validation pass: likelihoods, the task output (losses in training mode,
-        predictions in eval mode) and, when there is a synthesis, the reconstruction."""
+        predictions in eval mode), the reconstruction when there is a synthesis and the
+        probe's reconstruction ``x_probe`` (from the detached latent) when there is a probe."""
         y = self.g_a(x)
         y_hat, likelihoods = self.coder(y)
         out: dict[str, Any] = {"y_hat": y_hat, "likelihoods": likelihoods}
         if self.g_s is not None:
             out["x_hat"] = self.g_s(y_hat)
+        if self.probe is not None:
+            out["x_probe"] = self.probe(y_hat.detach())
         if self.task is not None:
             out["task"] = self.task(y_hat, tuple(x.shape[-2:]), targets)
         return out
@@ -195,6 +229,14 @@ class BaseModel(CompressionModel):
         if self.task is None:
             return self.g_s(y_hat).clamp(0, 1)
         return self.task(y_hat, image_size, None)
+
+    def preview(self, y_hat: Tensor) -> Tensor | None:
+        """The image the base layer alone shows a human: the probe's reconstruction, else the
+        beta > 0 synthesis head's; None for a task base with neither (or a codec base, whose
+        task is the reconstruction)."""
+        head = self.probe if self.probe is not None else (
+            self.g_s if self.task is not None else None)
+        return None if head is None else head(y_hat).clamp(0, 1)
 
 
 class EnhancementModel(CompressionModel):

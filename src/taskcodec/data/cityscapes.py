@@ -12,7 +12,9 @@ Label ids become the 19 train ids of the Cityscapes label definitions; every oth
 (void classes, and classes such as "parking" or "caravan" that the benchmark does not
 evaluate) is 255, ignored. Disparity pixels ``p > 0`` mean ``d = (p - 1) / 256`` pixels;
 depth is ``baseline * fx / d`` metres, with the image's camera file when present, else the
-dataset's usual constants; ``p = 0`` (and ``d = 0``) are invalid, depth 0.
+dataset's usual constants; ``p = 0`` (and ``d = 0``) are invalid, depth 0. Items carry the
+disparity ``d`` itself too (``"disparity"``, pixels of the full-resolution frame, as the papers'
+authors regress it), whatever ``scale``.
 
 The full 2048x1024 frames are heavy on a CPU: ``scale`` (for example ``0.25``) shrinks
 image, labels and depth together (bilinear for the image, nearest for labels and depth;
@@ -69,6 +71,13 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
     return _LUT[np.asarray(label_ids, dtype=np.uint8)]
 
 
+def raw_to_disparity(raw: np.ndarray) -> np.ndarray:
+    """Disparity in pixels of the full-resolution frame (float32) from a raw 16-bit Cityscapes
+    disparity image: ``(p - 1) / 256`` where ``p > 0``; 0 = invalid."""
+    raw = np.asarray(raw, dtype=np.float64)
+    return np.where(raw > 0, (raw - 1.0) / 256.0, 0.0).astype(np.float32)
+
+
 def disparity_to_depth(raw: np.ndarray, baseline: float = BASELINE_M,
                        focal: float = FOCAL_PX) -> np.ndarray:
     """Depth in metres (float32) from a raw 16-bit Cityscapes disparity image; 0 = invalid."""
@@ -82,7 +91,7 @@ def disparity_to_depth(raw: np.ndarray, baseline: float = BASELINE_M,
 
 class Cityscapes(Dataset):
     """Cityscapes items ``(image, target)`` with ``mask`` (19 train ids, 255 ignore) and/or
-    ``depth`` (metres, 0 invalid), plus ``image_id`` (the index) and ``name``.
+    ``depth`` (metres, 0 invalid) with ``disparity`` (pixels, 0 invalid), plus ``image_id`` (the index) and ``name``.
 
     Args:
         root: the Cityscapes folder (holding ``leftImg8bit/``, ``gtFine/``, ...).
@@ -156,6 +165,7 @@ class Cityscapes(Dataset):
         if "depth" in self.targets:
             raw = self._plane(self._part(path, "depth"), (h, w))
             target["depth"] = torch.from_numpy(disparity_to_depth(raw, *self._camera(path)))
+            target["disparity"] = torch.from_numpy(raw_to_disparity(raw))
         resize = None
         if self.scale != 1.0:
             resize = (max(1, round(h * self.scale)), max(1, round(w * self.scale)))

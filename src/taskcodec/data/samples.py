@@ -53,7 +53,7 @@ def resize_sample(image: torch.Tensor, target: dict, size: tuple[int, int]
     if "boxes" in out:
         scale = torch.tensor([w / w0, h / h0, w / w0, h / h0], dtype=torch.float32)
         out["boxes"] = out["boxes"] * scale
-    for key in ("mask", "depth"):
+    for key in ("mask", "depth", "disparity"):
         if key in out:
             plane = out[key]
             resized = F.interpolate(plane[None, None].double(), size=(h, w), mode="nearest-exact")
@@ -80,8 +80,9 @@ def crop_sample(image: torch.Tensor, target: dict, top: int, left: int,
     image = _window(image, top, left, h, w, 0.0)
     if "mask" in out:
         out["mask"] = _window(out["mask"], top, left, h, w, IGNORE_INDEX)
-    if "depth" in out:
-        out["depth"] = _window(out["depth"], top, left, h, w, 0.0)
+    for key in ("depth", "disparity"):
+        if key in out:
+            out[key] = _window(out[key], top, left, h, w, 0.0)
     if "boxes" in out:
         boxes = out["boxes"]
         shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
@@ -100,7 +101,7 @@ def hflip_sample(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]
     """Mirror left-right."""
     w = image.shape[-1]
     out = dict(target)
-    for key in ("mask", "depth"):
+    for key in ("mask", "depth", "disparity"):
         if key in out:
             out[key] = out[key].flip(-1)
     if "boxes" in out:

@@ -19,6 +19,7 @@ One item, as every issue-4 data set yields it (see ``/tmp/spec/scalable.md``)::
             "labels": int64 (n,) in 1..5 (index into ``classes``),
             "mask":   int64 (H, W): 0 background, k for class k (same numbering as labels),
             "depth":  float32 (H, W) in metres, > 0 everywhere,
+            "disparity": float32 (H, W) in pixels, BASELINE_FOCAL / depth,
             "label":  int64 () class of the shape with most visible pixels (1..5),
             "image_id": int (the index)}
 
@@ -58,6 +59,9 @@ MIN_SIZE = 32
 MIN_VISIBLE_FRACTION = 0.3
 MIN_VISIBLE_PIXELS = 16
 NEAR, FAR = 2.0, 6.0  # depth range of the shapes (m); the background is always farther
+#: Stereo baseline (m) times focal length (px) of an imagined rig: disparity = this / depth, so
+#: the scenes can train and test disparity regression (about 6-32 px) as well as depth.
+BASELINE_FOCAL = 64.0
 _HAZE = (0.78, 0.8, 0.82)
 
 
@@ -277,6 +281,7 @@ class ScenesDataset(Dataset):
             "labels": torch.from_numpy(scene.labels),
             "mask": torch.from_numpy(scene.mask),
             "depth": torch.from_numpy(scene.depth),
+            "disparity": torch.from_numpy(BASELINE_FOCAL / scene.depth),
             "label": torch.tensor(scene.label, dtype=torch.int64),
             "image_id": index % self.length,
         }

@@ -36,8 +36,18 @@ class SingleLevelRoIAlign(nn.Module):
         return roi_align(features["0"], boxes, self.output_size, self.spatial_scale, self.sampling_ratio)
 
 
+class DetectionTask:
+    """What every detection network declares, on the latent or in image space."""
+
+    task = "detection"
+    metric_name = "map"
+    target_keys = ("boxes", "labels")
+    min_classes = 2
+    min_classes_why = " (the background and at least one object class)"
+
+
 @TASKS.register("detection")
-class DetectionHead(TaskHead):
+class DetectionHead(DetectionTask, TaskHead):
     """Faster R-CNN of Ren et al., "Faster R-CNN: towards real-time object detection with region
     proposal networks" (NeurIPS 2015), with torchvision's RPN and RoI heads on one feature map:
     the adapted latent at stride 8 (``stride / 2**upsample``).
@@ -53,12 +63,6 @@ class DetectionHead(TaskHead):
     ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg`` and their sum
     ``loss``; evaluation returns one ``{"boxes", "labels", "scores"}`` dict per image.
     """
-
-    task = "detection"
-    metric_name = "map"
-    target_keys = ("boxes", "labels")
-    min_classes = 2
-    min_classes_why = " (the background and at least one object class)"
 
     def __init__(
         self,
@@ -163,24 +167,28 @@ class DetectionHead(TaskHead):
         return out
 
     def _check_target(self, index: int, target: dict, device: torch.device) -> dict[str, Tensor]:
-        """Only boxes and labels, on the features' device; refuses what would give nan or a crash."""
-        boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device)
-        labels = torch.as_tensor(target["labels"], dtype=torch.int64, device=device)
-        if boxes.numel() == 0:
-            boxes = boxes.reshape(0, 4)
-        if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
-            raise ValueError(
-                f"detection target {index} has boxes of shape {tuple(boxes.shape)} and labels of shape "
-                f"{tuple(labels.shape)}, should be (n, 4) and (n,)"
-            )
-        degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
-        if degenerate.any():
-            box = [round(v, 2) for v in boxes[degenerate][0].tolist()]
-            raise ValueError(f"detection target {index} has a box of zero width or height: {box}")
-        bad = labels[(labels < 1) | (labels >= self.num_classes)]
-        if bad.numel():
-            raise ValueError(
-                f"detection target {index} has label {int(bad[0])}, should be in 1..{self.num_classes - 1} "
-                "(0 is the background)"
-            )
-        return {"boxes": boxes, "labels": labels}
+        return check_detection_target(index, target, self.num_classes, device)
+
+
+def check_detection_target(index: int, target: dict, num_classes: int, device: torch.device) -> dict[str, Tensor]:
+    """Only boxes and labels, on ``device``; refuses what would give nan or a crash."""
+    boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device)
+    labels = torch.as_tensor(target["labels"], dtype=torch.int64, device=device)
+    if boxes.numel() == 0:
+        boxes = boxes.reshape(0, 4)
+    if boxes.dim() != 2 or boxes.shape[1] != 4 or labels.shape != boxes.shape[:1]:
+        raise ValueError(
+            f"detection target {index} has boxes of shape {tuple(boxes.shape)} and labels of shape "
+            f"{tuple(labels.shape)}, should be (n, 4) and (n,)"
+        )
+    degenerate = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
+    if degenerate.any():
+        box = [round(v, 2) for v in boxes[degenerate][0].tolist()]
+        raise ValueError(f"detection target {index} has a box of zero width or height: {box}")
+    bad = labels[(labels < 1) | (labels >= num_classes)]
+    if bad.numel():
+        raise ValueError(
+            f"detection target {index} has label {int(bad[0])}, should be in 1..{num_classes - 1} "
+            "(0 is the background)"
+        )
+    return {"boxes": boxes, "labels": labels}

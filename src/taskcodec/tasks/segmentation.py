@@ -65,25 +65,34 @@ class SegmentationHead(TaskHead):
         return self.to_image(self.classifier(self.adapter(features)), image_size)
 
     def losses(self, features: Tensor, image_size: tuple[int, int], targets: list[dict]) -> dict[str, Tensor]:
-        if features.shape[0] < 2:
-            raise ValueError(
-                "segmentation training needs batches of >= 2 images "
-                "(BatchNorm in ASPP's image pooling), got 1"
-            )
+        check_batch(features.shape[0])
         mask = self.stack_targets(targets, "mask", features.device).long()
-        if tuple(mask.shape[-2:]) != image_size:
-            raise ValueError(
-                f"segmentation masks of shape {tuple(mask.shape)} do not match image_size {image_size}"
-            )
-        labelled = mask != IGNORE_INDEX
-        bad = mask[labelled & ((mask < 0) | (mask >= self.num_classes))]
-        if bad.numel():
-            raise ValueError(
-                f"segmentation mask has class {int(bad[0])}, should be in 0..{self.num_classes - 1} "
-                f"or {IGNORE_INDEX} (ignore)"
-            )
-        logits = self.predict(features, image_size)
-        total = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="sum")
-        # Mean over labelled pixels; a batch with none gives 0 instead of PyTorch's nan.
-        loss = total / labelled.sum().clamp(min=1)
+        loss = segmentation_loss(self.predict(features, image_size), mask, image_size, self.num_classes)
         return {"loss_seg": loss, "loss": loss}
+
+
+def check_batch(batch: int) -> None:
+    """DeepLabV3's ASPP image pooling has a BatchNorm over one value per image."""
+    if batch < 2:
+        raise ValueError(
+            "segmentation training needs batches of >= 2 images "
+            f"(BatchNorm in ASPP's image pooling), got {batch}"
+        )
+
+
+def segmentation_loss(logits: Tensor, mask: Tensor, image_size: tuple[int, int], num_classes: int) -> Tensor:
+    """Pixel cross-entropy of ``logits`` ``(B, C, H, W)`` against ``mask`` ``(B, H, W)``, the mean
+    over pixels whose mask is not ``IGNORE_INDEX`` (0 if there are none, instead of nan)."""
+    if tuple(mask.shape[-2:]) != image_size:
+        raise ValueError(
+            f"segmentation masks of shape {tuple(mask.shape)} do not match image_size {image_size}"
+        )
+    labelled = mask != IGNORE_INDEX
+    bad = mask[labelled & ((mask < 0) | (mask >= num_classes))]
+    if bad.numel():
+        raise ValueError(
+            f"segmentation mask has class {int(bad[0])}, should be in 0..{num_classes - 1} "
+            f"or {IGNORE_INDEX} (ignore)"
+        )
+    total = F.cross_entropy(logits, mask, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / labelled.sum().clamp(min=1)
