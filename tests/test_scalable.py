@@ -30,7 +30,7 @@ from click.testing import CliRunner
 
 from taskcodec import bitstream, checkpoints
 from taskcodec.codecs.loading import LoadedCodec, load_codec
-from taskcodec.codecs.scalable import ENTROPY_MODELS, METHODS, EnhancementModel
+from taskcodec.codecs.scalable import EnhancementModel
 from taskcodec.config import EnhancementConfig
 from taskcodec.data import ScenesDataset
 from taskcodec.errors import BitstreamError, ConfigError
@@ -68,10 +68,20 @@ def base_args(task: str = "detection", entropy_model: str = "factorized") -> dic
 
 
 def scalable_args(method: str, *, target: str = "reconstruction", **base) -> dict:
+    """Model args as train-enhancement writes them today."""
     return {"kind": "scalable", "base": {**base_args(**base), "beta": 0.0}, "N": N, "M": M,
             "method": method, "target": target,
             "num_classes": SEG_CLASSES if target == "segmentation" else 3,
-            "condition_decoder": True}
+            "condition_decoder": method == "conditional-decoder", "cond_channels": N,
+            "cond_layers": 3, "cond_kernel": 5}
+
+
+def legacy_args(method: str) -> dict:
+    """Model args of a checkpoint written before conditional-decoder had its own name."""
+    args = scalable_args(method)
+    for key in ("cond_channels", "cond_layers", "cond_kernel"):
+        del args[key]
+    return {**args, "condition_decoder": True}
 
 
 def save_checkpoint(args: dict, path: Path, *, config: dict | None = None, seed: int = 0) -> Path:
@@ -171,40 +181,152 @@ def write_scene_png(path: Path, size: tuple[int, int] = (80, 96)) -> Path:
 # --- 1. what each method conditions on --------------------------------------------------------
 
 
-@pytest.mark.parametrize("condition_decoder", [True, False])
-def test_conditional_depends_on_the_base_latent_and_standalone_zeroes_it(condition_decoder):
-    conditional, standalone = same_weights("conditional", "standalone",
-                                           condition_decoder=condition_decoder)
+def test_default_conditional_decoder_sees_only_the_enhancement_latent():
+    """Both papers: only the entropy model is conditioned; the decoder gets y_e alone."""
+    conditional, with_decoder = same_weights("conditional"), same_weights("conditional-decoder")
+    conditional, with_decoder = conditional[0], with_decoder[0]
+    assert EnhancementConfig.from_dict({"base_run": "0" * 32}).method == "conditional"
+    y1, y2 = two_base_latents()
+    y_e = torch.randn(1, M, SIZE // 16, SIZE // 16, generator=torch.Generator().manual_seed(2))
+    x = scene(3)
+    with torch.no_grad():
+        assert torch.equal(conditional.decode(y_e, y1), conditional.decode(y_e, y2))
+        assert not torch.allclose(with_decoder.decode(y_e, y1), with_decoder.decode(y_e, y2))
+        c1, c2 = conditional(x, y1), conditional(x, y2)
+    # ... while p(y_e | z_e, y_b) changes with the base latent (z_e's prior does not see it).
+    assert not torch.allclose(c1["likelihoods"]["y_e"], c2["likelihoods"]["y_e"])
+    assert torch.equal(c1["likelihoods"]["z_e"], c2["likelihoods"]["z_e"])
+    # The condition path is the configured one; the decoder's input is y_e's M channels.
+    assert conditional.g_s[0].in_channels == M and with_decoder.g_s[0].in_channels == 2 * M
+    assert [m.kernel_size for m in conditional.cond if isinstance(m, torch.nn.Conv2d)] == \
+        [(5, 5)] * 3
+
+
+@pytest.mark.parametrize("method", ["conditional", "conditional-decoder"])
+def test_conditional_depends_on_the_base_latent_and_the_refit_zeroes_it(method):
+    # paper 2's standalone re-fits the paper-faithful conditional; the former standalone
+    # (stored runs) came with either decoder
+    decoder = method == "conditional-decoder"
+    zeroed = ("standalone",) if decoder else ("standalone-refit", "standalone")
+    conditional, *others = same_weights(method, *zeroed, condition_decoder=decoder)
+    assert others[-1].condition_decoder == decoder
+    refit = others[0]
     y1, y2 = two_base_latents()
     x = scene(3)
     with torch.no_grad():
         c1, c2 = conditional(x, y1), conditional(x, y2)
-        s1, s2 = standalone(x, y1), standalone(x, y2)
         c0 = conditional(x, torch.zeros_like(y1))
-
-    # Conditional: p(y_e | z_e, y_b) and the decoded image change with the base latent; the
-    # hyperprior's own side information z_e does not see it.
+        outputs = {name: (model(x, y1), model(x, y2)) for name, model in zip(zeroed, others)}
     assert not torch.allclose(c1["likelihoods"]["y_e"], c2["likelihoods"]["y_e"])
-    assert torch.equal(c1["likelihoods"]["z_e"], c2["likelihoods"]["z_e"])
-    assert not torch.allclose(c1["x_hat"], c2["x_hat"])
-    # Standalone: the same weights, but the condition is zeroed, whatever the base says.
-    for key in ("y_e", "z_e"):
-        assert torch.equal(s1["likelihoods"][key], s2["likelihoods"][key])
-        assert torch.equal(s1["likelihoods"][key], c0["likelihoods"][key])
-    assert torch.equal(s1["x_hat"], s2["x_hat"])
-    assert torch.equal(s1["x_hat"], c0["x_hat"])
+    # Paper 2's standalone and the former standalone: the condition is zeroed, whatever the
+    # base says.
+    for name, (s1, s2) in outputs.items():
+        for key in ("y_e", "z_e"):
+            assert torch.equal(s1["likelihoods"][key], s2["likelihoods"][key]), name
+            assert torch.equal(s1["likelihoods"][key], c0["likelihoods"][key]), name
+        assert torch.equal(s1["x_hat"], s2["x_hat"]) and torch.equal(s1["x_hat"], c0["x_hat"])
 
     # The same holds for real bitstreams: decoding conditional strings needs the right base.
     with torch.no_grad():
         enc = conditional.compress(x, y1)
         right = conditional.decompress(enc["strings"], enc["shape"], y1)["x_hat"]
         wrong = conditional.decompress(enc["strings"], enc["shape"], y2)["x_hat"]
-        s_enc1, s_enc2 = standalone.compress(x, y1), standalone.compress(x, y2)
-        s_dec = standalone.decompress(s_enc1["strings"], s_enc1["shape"], y2)["x_hat"]
+        s_enc1, s_enc2 = refit.compress(x, y1), refit.compress(x, y2)
+        s_dec = refit.decompress(s_enc1["strings"], s_enc1["shape"], y2)["x_hat"]
     torch.testing.assert_close(right, c1["x_hat"].clamp(0, 1), atol=1e-5, rtol=0)
     assert not torch.allclose(right, wrong)
     assert s_enc1["strings"] == s_enc2["strings"]
-    torch.testing.assert_close(s_dec, s1["x_hat"].clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s_dec, outputs[zeroed[0]][0]["x_hat"].clamp(0, 1), atol=1e-5,
+                               rtol=0)
+
+
+def test_standalone_refit_trains_only_the_entropy_model():
+    (refit,) = same_weights("standalone-refit")
+    trainable = {n for n, p in refit.named_parameters() if p.requires_grad}
+    assert trainable == set(refit.entropy_model_parameter_names())
+    assert trainable and all(n.startswith(("coder.", "cond.")) for n in trainable)
+    assert not any(p.requires_grad for p in (*refit.g_a.parameters(), *refit.g_s.parameters()))
+
+
+def test_lower_and_upper_differ_only_in_rate_accounting():
+    """Paper 1's baselines: one architecture and one training signal; upper's base is free."""
+    from taskcodec.recipes import EnhancementRecipe
+
+    x = scene(1)
+    models, parts = {}, {}
+    for method in ("lower", "upper"):
+        torch.manual_seed(3)
+        models[method] = model = build_from_args(scalable_args(method)).train()
+        assert not hasattr(model.enhancement, "cond") and model.enhancement.coder.cond_channels == 0
+        recipe = EnhancementRecipe(EnhancementConfig.from_dict({"base_run": "0" * 32,
+                                                                "method": method}))
+        torch.manual_seed(4)  # the same quantisation noise
+        parts[method] = recipe._parts(model, x, None, model(x))
+        model.zero_grad()
+        parts[method]["loss"].backward()
+    lower, upper = models["lower"], models["upper"]
+    assert lower.state_dict().keys() == upper.state_dict().keys()
+    assert all(torch.equal(v, upper.state_dict()[k]) for k, v in lower.state_dict().items())
+    for key in ("bpp_base", "bpp_enh", "mse_loss"):
+        assert torch.equal(parts["lower"][key], parts["upper"][key]), key
+    assert parts["lower"]["bpp_base"] > 0
+    assert torch.equal(parts["upper"]["bpp_loss"], parts["upper"]["bpp_enh"])
+    torch.testing.assert_close(parts["lower"]["bpp_loss"],
+                               parts["upper"]["bpp_enh"] + parts["upper"]["bpp_base"])
+    grads = {m: {n: p.grad for n, p in models[m].named_parameters() if p.grad is not None}
+             for m in models}
+    assert grads["lower"].keys() == grads["upper"].keys() and grads["lower"]
+    for name, grad in grads["lower"].items():  # the base's bits are a constant of the loss
+        torch.testing.assert_close(grad, grads["upper"][name], rtol=1e-5, atol=1e-7)
+
+
+def test_rmse_distortion_and_straight_through_quantisation():
+    from taskcodec.codecs.scalable import HyperpriorCoder
+    from taskcodec.recipes import EnhancementRecipe
+
+    recipe = EnhancementRecipe(EnhancementConfig.from_dict(
+        {"base_run": "0" * 32, "distortion": "rmse", "alpha": 2.0}))
+    x = torch.full((2, 3, 16, 16), 0.5)
+    x_hat = x + torch.tensor([1.0, 3.0]).view(2, 1, 1, 1) / 255  # per-image RMSE 1 and 3 (/255)
+    ones = {"y": torch.ones(2, 1, 1, 1)}
+    out = {"x_hat": x_hat, "likelihoods": {"y_e": torch.full((2, 1, 2, 2), 0.5)},
+           "base_likelihoods": ones}
+    parts = recipe._parts(None, x, None, out)
+    assert float(parts["rmse_loss"]) == pytest.approx(2.0)       # 255 * mean(1, 3) / 255
+    assert float(parts["bpp_loss"]) == pytest.approx(8 / (2 * 256))
+    assert float(parts["loss"]) == pytest.approx(2.0 + 2.0 * 8 / 512)
+
+    torch.manual_seed(0)
+    coder = HyperpriorCoder(M, N).train()
+    coder.ste = True
+    coder.entropy_bottleneck.eval()  # z rounded, so both passes below see the same means
+    y = torch.randn(1, M, 4, 4, requires_grad=True)
+    y_hat, likelihoods = coder(y)
+    scales, means = coder._params(coder.entropy_bottleneck(coder.h_a(y))[0], None)
+    rounded, expected = coder.gaussian_conditional(y, scales, means, training=False)
+    torch.testing.assert_close(y_hat, rounded)  # rounded as at test time, not noisy
+    torch.testing.assert_close(likelihoods["y"], expected)
+    y_hat.sum().backward()
+    assert torch.all(y.grad != 0)  # the straight-through gradient reaches y
+
+
+def test_legacy_conditional_checkpoints_load_as_conditional_decoder(tmp_path):
+    from taskcodec.codecs.scalable import method_of
+
+    old = legacy_args("conditional")
+    assert method_of(old) == "conditional-decoder"
+    assert method_of(scalable_args("conditional")) == "conditional"
+    codec = codec_for(tmp_path, old)
+    enhancement = codec.model.enhancement
+    assert enhancement.method == "conditional-decoder" and enhancement.condition_decoder
+    assert codec.name == "scalable-conditional-reconstruction"  # old files still decode
+    assert [m.kernel_size for m in enhancement.cond if isinstance(m, torch.nn.Conv2d)] == \
+        [(3, 3)] * 2
+    x = scene(0)
+    torch.testing.assert_close(codec.decompress(codec.compress(x))["x_hat"],
+                               codec.model(x)["x_hat"].clamp(0, 1), atol=1e-5, rtol=0)
+    config = EnhancementConfig.from_dict({"base_run": "0" * 32, "condition_decoder": "True"})
+    assert config.method == "conditional-decoder"
 
 
 def test_residual_adds_the_decoded_residual_to_a_prediction_from_the_base():
@@ -230,8 +352,11 @@ def test_residual_adds_the_decoded_residual_to_a_prediction_from_the_base():
 # --- 2. real layered bitstreams --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entropy_model", ENTROPY_MODELS)
-@pytest.mark.parametrize("method", METHODS)
+# upper has lower's architecture, standalone-refit the former standalone's zeroed condition
+@pytest.mark.parametrize(("method", "entropy_model"), [
+    *((m, "factorized") for m in ("conditional", "conditional-decoder", "residual", "lower",
+                                  "standalone")),
+    *((m, "hyperprior") for m in ("conditional", "residual", "standalone-refit"))])
 def test_layered_bitstream_decodes_to_the_forward_pass(method, entropy_model, tmp_path):
     codec = codec_for(tmp_path, scalable_args(method, entropy_model=entropy_model))
     assert codec.kind == "scalable" and codec.name == f"scalable-{method}-reconstruction"

@@ -235,6 +235,8 @@ class Trainer:
         elif config.init_from:
             init_weights(model, config.init_from)
             self.logger.set_tags({"init_from": config.init_from})
+        if ckpt is None:
+            self.logger.log_params({k: str(v) for k, v in recipe.model_params(model).items()})
         train_set, val_set = recipe.datasets()
         # Under DDP an epoch still covers the data set once: each rank takes its share.
         steps_per_epoch = max(1, len(train_set) // (config.batch_size * self.dist.world_size))
