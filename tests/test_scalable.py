@@ -491,6 +491,26 @@ def test_evaluation_scores_each_layer_on_its_own_targets(tmp_path):
     assert 0 <= summary["miou"] <= 1
 
 
+def test_upper_baseline_is_charged_the_enhancement_bytes_only(tmp_path):
+    from taskcodec.config import EvalConfig
+    from taskcodec.evaluate import _evaluate_task
+
+    summaries = {}
+    for method in ("lower", "upper"):
+        codec = codec_for(tmp_path, scalable_args(method), name=method, seed=5)
+        summaries[method], _, _ = _evaluate_task(
+            EvalConfig(checkpoint="unused", data="scenes", max_images=1), codec)
+    lower, upper = summaries["lower"], summaries["upper"]
+    for key in ("bpp_base", "bpp_enh", "bpp_file", "psnr", "header_bytes",
+                "bpp_base_estimated", "bpp_enh_estimated"):
+        assert lower[key] == pytest.approx(upper[key], rel=1e-6), key
+    assert lower["bpp"] == pytest.approx(lower["bpp_base"] + lower["bpp_enh"])
+    assert upper["bpp"] == pytest.approx(upper["bpp_enh"])
+    assert upper["bpp_estimated"] == pytest.approx(upper["bpp_enh_estimated"])
+    assert lower["bpp_estimated"] == pytest.approx(lower["bpp_base_estimated"]
+                                                   + lower["bpp_enh_estimated"])
+
+
 # --- 5. refused settings (no server needed) ---------------------------------------------------
 
 
@@ -504,6 +524,19 @@ def test_residual_enhancement_for_segmentation_is_refused():
     status, _, err = run_cli("train-enhancement", "--base-run", "0" * 32,
                              "--method", "residual", "--target", "segmentation")
     assert one_error_line(status, err) == f"Error: {message}"
+
+
+def test_former_standalone_and_a_refit_without_its_source_are_refused():
+    for settings, message in (
+            ({"method": "standalone"}, "method=standalone is now named lower"),
+            ({"method": "standalone-refit"}, "method=standalone-refit needs --init-from"),
+            ({"method": "conditional", "target": "segmentation", "distortion": "rmse"},
+             "distortion=rmse is a reconstruction distortion")):
+        with pytest.raises(ConfigError, match=message):
+            EnhancementConfig.from_dict({"base_run": "0" * 32, **settings})
+    # a stored standalone run still resumes
+    assert EnhancementConfig.from_dict({"base_run": "0" * 32, "method": "standalone",
+                                        "resume": "1" * 32}).method == "standalone"
 
 
 def test_train_enhancement_without_a_base_run_is_refused():
@@ -576,7 +609,15 @@ def test_enhancement_run_links_its_frozen_base_fetched_by_run_id(runs, mlflow_se
     assert {k: params.get(k) for k in ("base_run", "method", "target", "alpha", "N", "M",
                                        "image_size", "condition_decoder")} == {
         "base_run": runs.base, "method": "conditional", "target": "reconstruction",
-        "alpha": "0.01", "N": "8", "M": "8", "image_size": "64", "condition_decoder": "True"}
+        "alpha": "0.01", "N": "8", "M": "8", "image_size": "64", "condition_decoder": "False"}
+    assert {k: enh_run.data.tags.get(k) for k in ("defined_by", "condition_decoder")} == {
+        "defined_by": "paper1+paper2", "condition_decoder": "false"}
+    counts = {k: int(v) for k, v in params.items() if k.startswith("params_")}
+    assert set(counts) >= {"params_total", "params_base", "params_enh", "params_enh_g_a",
+                           "params_enh_g_s", "params_enh_condition", "params_enh_entropy_model",
+                           "params_base_g_a", "params_base_entropy_model", "params_trainable"}
+    assert counts["params_total"] == counts["params_base"] + counts["params_enh"]
+    assert counts["params_trainable"] == counts["params_enh"] > counts["params_enh_condition"] > 0
     history = c.get_metric_history(runs.enhancement, "bpp_enh")
     assert sorted(m.step for m in history) == [1, 2]
 
@@ -607,6 +648,13 @@ def test_evaluate_logs_the_rate_of_each_layer_and_both_tasks(runs, mlflow_server
     assert metrics["bpp"] == pytest.approx(metrics["bpp_base"] + metrics["bpp_enh"], rel=1e-9)
     assert 0 < metrics["bpp_enh"] < metrics["bpp"] and 0 < metrics["bpp_base"] < metrics["bpp"]
     assert 0 < metrics["psnr"] < 100 and 0 <= metrics["map"] <= 1
+    # the papers' view: rates the likelihoods promise, and the container header on its own
+    assert metrics["bpp_estimated"] == pytest.approx(
+        metrics["bpp_base_estimated"] + metrics["bpp_enh_estimated"], rel=1e-6)
+    assert 0 < metrics["bpp_enh_estimated"] and 0 < metrics["bpp_base_estimated"]
+    assert metrics["header_bytes"] > 20 and metrics["bpp_file"] == metrics["bpp"]
+    assert metrics["bpp_header"] == pytest.approx(8 * metrics["header_bytes"] / 64 ** 2)
+    assert metrics["bpp_header"] < metrics["bpp_base"]
     tags = run.data.tags
     assert {k: tags.get(k) for k in ("entry_point", "method", "target", "task", "base_run_id",
                                      "evaluated_run_id", "beta")} == {
@@ -693,6 +741,30 @@ def test_base_run_that_is_not_a_train_base_run_is_refused_before_a_run_starts(
     c = client(mlflow_server.uri)
     found = c.get_experiment_by_name(experiment)
     assert found is None or not c.search_runs([found.experiment_id])
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_standalone_refit_changes_only_the_entropy_model_of_its_conditional_source(
+        runs, mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_cli("train-enhancement", "--base-run", runs.base, "--method",
+                             "standalone-refit", "--init-from", runs.base, *TINY)
+    assert "re-fits a conditional run, not a base run" in one_error_line(status, err)
+    refit = run_id_from(run_ok("train-enhancement", "--base-run", runs.base, "--method",
+                               "standalone-refit", "--init-from", runs.enhancement,
+                               "--alpha", "0.01", "--lr", "0.01", *TINY))
+    tags = client(mlflow_server.uri).get_run(refit).data.tags
+    assert {k: tags.get(k) for k in ("method", "baseline_of", "defined_by", "init_from")} == {
+        "method": "standalone-refit", "baseline_of": "paper2-standalone",
+        "defined_by": "paper2", "init_from": runs.enhancement}
+    source = fetch(runs.enhancement, "best", tmp_path / "source")["model"]
+    after = fetch(refit, "last", tmp_path / "refit")["model"]
+    assert source.keys() == after.keys()
+    changed = {k for k in source if not torch.equal(source[k], after[k])}
+    entropy_model = ("enhancement.coder.", "enhancement.cond.")
+    assert changed and all(k.startswith(entropy_model) for k in changed), sorted(changed)
+    assert any(k.startswith("enhancement.coder.entropy_parameters.") for k in changed)
 
 
 @pytest.mark.slow
