@@ -143,11 +143,11 @@ def test_paper1_ratio_is_the_share_of_the_upper_baselines_gain(method):
     curves = [curve("lower/0.0", RATES, PSNRS), curve("upper/0.0", [r / 2 for r in RATES], PSNRS),
               curve("cond/0.0", [r * 0.75 for r in RATES], PSNRS),
               curve("lower/20.0", RATES, PSNRS), curve("cond/20.0", RATES, PSNRS),
-              curve("JPEG", RATES, PSNRS, source="jpeg")]
+              curve("JPEG", RATES, PSNRS, source="jpeg"), curve("base/0.0", RATES, PSNRS, "map")]
     (group,) = cmp.baseline_groups(curves)
     assert (group[0].name, group[1].name, [c.name for c in group[2]]) == (
-        "lower/0.0", "upper/0.0", ["cond/0.0"])  # lower/20.0 has no upper: no ratio
-    (row,) = cmp.ideal_gain_ratios(curves, ["psnr"], method)
+        "lower/0.0", "upper/0.0", ["cond/0.0", "base/0.0"])  # lower/20.0 has no upper
+    (row,) = cmp.ideal_gain_ratios(curves, ["psnr"], method)  # base/0.0 has no psnr
     assert (row.curve, row.lower, row.upper, row.error) == ("cond/0.0", "lower/0.0", "upper/0.0",
                                                            "")
     assert row.bd_rate == pytest.approx(-25.0, abs=1e-6)

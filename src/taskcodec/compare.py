@@ -518,7 +518,7 @@ def ideal_gain_ratios(curves: Sequence[Curve], metrics: Sequence[str],
     for lower, upper, others in baseline_groups(curves):
         for metric in metrics:
             up_rate, up_value, up_error = _bd_pair(lower, upper, metric, method)
-            for curve in others:
+            for curve in (c for c in others if c.series(metric)[0]):  # e.g. a base's curve
                 rate, value, error = _bd_pair(lower, curve, metric, method)
                 reason = "; ".join(e for e in (f"upper: {up_error}" if up_error else "", error)
                                    if e)
@@ -542,17 +542,7 @@ def format_ratios(rows: Sequence[RatioRow]) -> str:
 
 def write_ratios(rows: Sequence[RatioRow], folder: Path) -> list[Path]:
     """ratio.csv and ratio.json: paper 1's share of the ideal gain per curve and metric."""
-    fields = list(RatioRow.__dataclass_fields__)
-    csv_path, json_path = folder / "ratio.csv", folder / "ratio.json"
-    records = [{f: getattr(r, f) for f in fields} for r in rows]
-    with open(csv_path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in rec.items()} for rec in records)
-    json_path.write_text(json.dumps({"rows": [{k: _json_number(v) if isinstance(v, float) else v
-                                               for k, v in rec.items()} for rec in records]},
-                                    indent=2, ensure_ascii=False) + "\n")
-    return [csv_path, json_path]
+    return _write_rows(rows, list(RatioRow.__dataclass_fields__), folder / "ratio", {})
 
 
 def pick_anchor(curves: Sequence[Curve], anchor: str | None) -> Curve:
@@ -643,21 +633,27 @@ def write_points(curves: Sequence[Curve], folder: Path, rate: str = RATE) -> lis
     return [csv_path, json_path]
 
 
-def write_bd(rows: Sequence[BDRow], folder: Path, *, anchor: str, method: str) -> list[Path]:
-    """bd.csv and bd.json: BD-rate (%) and BD-metric of every curve against the anchor."""
-    fields = ["curve", "anchor", "metric", "bd_rate", "bd_metric", "rate_overlap",
-              "quality_overlap", "bd_rate_error", "bd_metric_error"]
-    csv_path, json_path = folder / "bd.csv", folder / "bd.json"
+def _write_rows(rows: Sequence[Any], fields: list[str], stem: Path,
+                doc: dict[str, Any]) -> list[Path]:
+    """``stem``.csv (one line per row, None as blank) and ``stem``.json (``doc`` + rows)."""
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
     records = [{f: getattr(r, f) for f in fields} for r in rows]
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in rec.items()} for rec in records)
-    doc = {"anchor": anchor, "method": method, "bd_rate_unit": "%",
-           "rows": [{k: _json_number(v) if isinstance(v, float) else v for k, v in rec.items()}
-                    for rec in records]}
+    doc = {**doc, "rows": [{k: _json_number(v) if isinstance(v, float) else v
+                            for k, v in rec.items()} for rec in records]}
     json_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return [csv_path, json_path]
+
+
+def write_bd(rows: Sequence[BDRow], folder: Path, *, anchor: str, method: str) -> list[Path]:
+    """bd.csv and bd.json: BD-rate (%) and BD-metric of every curve against the anchor."""
+    fields = ["curve", "anchor", "metric", "bd_rate", "bd_metric", "rate_overlap",
+              "quality_overlap", "bd_rate_error", "bd_metric_error"]
+    return _write_rows(rows, fields, folder / "bd",
+                       {"anchor": anchor, "method": method, "bd_rate_unit": "%"})
 
 
 # -- terminal ---------------------------------------------------------------------------------
