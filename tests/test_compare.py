@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
 from PIL import Image
 
 from taskcodec import compare as cmp
+from taskcodec import ideal_gain
 from taskcodec.cli.main import cli
 from taskcodec.errors import ConfigError, DataError
 
@@ -144,10 +145,10 @@ def test_paper1_ratio_is_the_share_of_the_upper_baselines_gain(method):
               curve("cond/0.0", [r * 0.75 for r in RATES], PSNRS),
               curve("lower/20.0", RATES, PSNRS), curve("cond/20.0", RATES, PSNRS),
               curve("JPEG", RATES, PSNRS, source="jpeg"), curve("base/0.0", RATES, PSNRS, "map")]
-    (group,) = cmp.baseline_groups(curves)
+    (group,) = ideal_gain.baseline_groups(curves)
     assert (group[0].name, group[1].name, [c.name for c in group[2]]) == (
         "lower/0.0", "upper/0.0", ["cond/0.0", "base/0.0"])  # lower/20.0 has no upper
-    (row,) = cmp.ideal_gain_ratios(curves, ["psnr"], method)  # base/0.0 has no psnr
+    (row,) = ideal_gain.ideal_gain_ratios(curves, ["psnr"], method)  # base/0.0 has no psnr
     assert (row.curve, row.lower, row.upper, row.error) == ("cond/0.0", "lower/0.0", "upper/0.0",
                                                            "")
     assert row.bd_rate == pytest.approx(-25.0, abs=1e-6)
@@ -155,9 +156,9 @@ def test_paper1_ratio_is_the_share_of_the_upper_baselines_gain(method):
     assert row.ratio_rate == pytest.approx(0.5, abs=1e-6)
     assert row.bd_metric_upper == pytest.approx(3.0, abs=1e-6)
     assert row.ratio_metric == pytest.approx(math.log2(4 / 3), abs=1e-6)
-    assert "0.500" in cmp.format_ratios([row]) and "0.415" in cmp.markdown_ratios([row])
+    assert "0.500" in ideal_gain.format_ratios([row]) and "0.415" in ideal_gain.markdown_ratios([row])
     # a curve BD cannot be computed for keeps its row, with the reason
-    short = cmp.ideal_gain_ratios([*curves[:2], curve("cond/0.0", RATES[:3], PSNRS[:3])],
+    short = ideal_gain.ideal_gain_ratios([*curves[:2], curve("cond/0.0", RATES[:3], PSNRS[:3])],
                                   ["psnr"], method)
     assert short[0].ratio_rate is None and "at least 4" in short[0].error
 
