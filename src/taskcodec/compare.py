@@ -539,7 +539,7 @@ def write_points(curves: Sequence[Curve], folder: Path, rate: str = RATE) -> lis
     return [csv_path, json_path]
 
 
-def _write_rows(rows: Sequence[Any], fields: list[str], stem: Path,
+def write_rows(rows: Sequence[Any], fields: list[str], stem: Path,
                 doc: dict[str, Any]) -> list[Path]:
     """``stem``.csv (one line per row, None as blank) and ``stem``.json (``doc`` + rows)."""
     csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
@@ -558,7 +558,7 @@ def write_bd(rows: Sequence[BDRow], folder: Path, *, anchor: str, method: str) -
     """bd.csv and bd.json: BD-rate (%) and BD-metric of every curve against the anchor."""
     fields = ["curve", "anchor", "metric", "bd_rate", "bd_metric", "rate_overlap",
               "quality_overlap", "bd_rate_error", "bd_metric_error"]
-    return _write_rows(rows, fields, folder / "bd",
+    return write_rows(rows, fields, folder / "bd",
                        {"anchor": anchor, "method": method, "bd_rate_unit": "%"})
 
 

@@ -292,8 +292,7 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         params.update({"alpha": stored.get("alpha"), "N": stored.get("N"), "M": stored.get("M")})
         tags.update({"task": info["task"], "layer": codec.kind, "alpha": str(stored.get("alpha"))})
         if codec.kind == "scalable":
-            from taskcodec.codecs.scalable import method_of
-            from taskcodec.recipes import method_tags
+            from taskcodec.codecs.scalable import method_of, method_tags
 
             method = method_of(codec.model_args)
             tags.update({"method": method, "target": info["target"], **method_tags(method)})

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskcodec.compare import Curve, _check_method, _write_rows, bd_metric, bd_rate
+from taskcodec.compare import Curve, _check_method, bd_metric, bd_rate, write_rows
 from taskcodec.errors import ConfigError
 
 
@@ -107,7 +107,7 @@ def format_ratios(rows: Sequence[RatioRow]) -> str:
 
 def write_ratios(rows: Sequence[RatioRow], folder: Path) -> list[Path]:
     """ratio.csv and ratio.json: paper 1's share of the ideal gain per curve and metric."""
-    return _write_rows(rows, list(RatioRow.__dataclass_fields__), folder / "ratio", {})
+    return write_rows(rows, list(RatioRow.__dataclass_fields__), folder / "ratio", {})
 
 
 def markdown_ratios(rows: Sequence[RatioRow]) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from taskcodec.codecs.scalable import charged_rate
+from taskcodec.codecs.scalable import charged_rate, method_tags
 from taskcodec.config import BaseConfig, EnhancementConfig, LoopConfig, TrainConfig
 from taskcodec.data.transforms import crop_padding, pad_to_multiple
 from taskcodec.errors import CheckpointError
@@ -462,18 +462,6 @@ class EnhancementRecipe(Recipe):
         if ckpt.get("run_id"):
             tags["base_run_id"] = ckpt["run_id"]
         return tags
-
-
-def method_tags(method: str) -> dict[str, str]:
-    """Which paper defines a method, which baseline it is, and whether its decoder sees the
-    base: tags that keep runs of different definitions apart in compare."""
-    from taskcodec.codecs.scalable import BASELINE_OF, DEFINED_BY
-
-    tags = {"defined_by": DEFINED_BY.get(method, ""),
-            "condition_decoder": str(method == "conditional-decoder").lower()}
-    if method in BASELINE_OF:
-        tags["baseline_of"] = BASELINE_OF[method]
-    return tags
 
 
 def build_scalable(args: dict[str, Any], base: nn.Module | None = None) -> nn.Module:

@@ -206,6 +206,16 @@ def method_of(args: dict[str, Any]) -> str:
     return method
 
 
+def method_tags(method: str) -> dict[str, str]:
+    """MLflow tags of a method: which paper defines it, which baseline it is, and whether its
+    decoder sees the base - so compare can keep runs of different definitions apart."""
+    tags = {"defined_by": DEFINED_BY.get(method, ""),
+            "condition_decoder": str(method == "conditional-decoder").lower()}
+    if method in BASELINE_OF:
+        tags["baseline_of"] = BASELINE_OF[method]
+    return tags
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Parameters in total and per part (a scalable model: per part of its base and of its
     enhancement), named as MLflow params: ``params_total``, ``params_enh_condition``, ..."""
