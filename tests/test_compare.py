@@ -19,6 +19,7 @@ from mlflow.entities import Metric, Param, Run, RunData, RunInfo, RunTag
 from PIL import Image
 
 from taskcodec import compare as cmp
+from taskcodec import ideal_gain
 from taskcodec.cli.main import cli
 from taskcodec.errors import ConfigError, DataError
 
@@ -133,6 +134,46 @@ def evaluate_metrics(bpp: float, psnr: float, ms_ssim: float = 0.9) -> dict:
     return {"bpp": bpp, "bpp_estimated": bpp * 0.97, "psnr": psnr, "ms_ssim": ms_ssim,
             "encode_time": 0.1, "decode_time": 0.2, "jpeg_bpp": jpeg_bpp,
             "jpeg_psnr": 23 + 3 * math.log2(jpeg_bpp / 0.1), "jpeg_ms_ssim": 0.8 + jpeg_bpp / 10}
+
+
+@pytest.mark.parametrize("method", cmp.BD_METHODS)
+def test_paper1_ratio_is_the_share_of_the_upper_baselines_gain(method):
+    """Upper needs half the lower baseline's rate (-50 %, +3 dB on 3 dB per doubling);
+    "cond" needs 3/4 of it (-25 %, +3*log2(4/3) dB): half the ideal BD-rate gain, and
+    log2(4/3) = 0.415 of the ideal BD-PSNR gain. A second base's group stays apart."""
+    curves = [curve("lower/0.0", RATES, PSNRS), curve("upper/0.0", [r / 2 for r in RATES], PSNRS),
+              curve("cond/0.0", [r * 0.75 for r in RATES], PSNRS),
+              curve("lower/20.0", RATES, PSNRS), curve("cond/20.0", RATES, PSNRS),
+              curve("JPEG", RATES, PSNRS, source="jpeg"), curve("base/0.0", RATES, PSNRS, "map")]
+    (group,) = ideal_gain.baseline_groups(curves)
+    assert (group[0].name, group[1].name, [c.name for c in group[2]]) == (
+        "lower/0.0", "upper/0.0", ["cond/0.0", "base/0.0"])  # lower/20.0 has no upper
+    (row,) = ideal_gain.ideal_gain_ratios(curves, ["psnr"], method)  # base/0.0 has no psnr
+    assert (row.curve, row.lower, row.upper, row.error) == ("cond/0.0", "lower/0.0", "upper/0.0",
+                                                           "")
+    assert row.bd_rate == pytest.approx(-25.0, abs=1e-6)
+    assert row.bd_rate_upper == pytest.approx(-50.0, abs=1e-6)
+    assert row.ratio_rate == pytest.approx(0.5, abs=1e-6)
+    assert row.bd_metric_upper == pytest.approx(3.0, abs=1e-6)
+    assert row.ratio_metric == pytest.approx(math.log2(4 / 3), abs=1e-6)
+    assert "0.500" in ideal_gain.format_ratios([row]) and "0.415" in ideal_gain.markdown_ratios([row])
+    # a curve BD cannot be computed for keeps its row, with the reason
+    short = ideal_gain.ideal_gain_ratios([*curves[:2], curve("cond/0.0", RATES[:3], PSNRS[:3])],
+                                  ["psnr"], method)
+    assert short[0].ratio_rate is None and "at least 4" in short[0].error
+
+
+def test_rate_axis_is_chosen_among_the_logged_rates():
+    runs = [fake_run({**evaluate_metrics(0.4, 32), "bpp_enh": 0.1}, tags={"method": "a"}),
+            fake_run(evaluate_metrics(0.2, 29), tags={"method": "b"})]
+    (a,) = cmp.curves_from_runs(runs, "method", rate="bpp_enh")  # b logged no bpp_enh
+    assert a.name == "a" and [p.bpp for p in a.points] == [0.1]
+    assert "bpp_enh" not in a.points[0].metrics and "bpp" not in a.points[0].metrics
+    estimated = cmp.curves_from_runs(runs, "method", rate="bpp_estimated")
+    assert [p.bpp for c in estimated for p in c.points] == pytest.approx([0.4 * 0.97, 0.2 * 0.97])
+    for bad in ("psnr", "bpp enh", ""):
+        with pytest.raises(ConfigError, match="is not a rate metric"):
+            cmp.CompareOptions(rate=bad)
 
 
 def test_runs_are_grouped_by_tag_or_param_and_ordered_by_rate():

@@ -30,7 +30,7 @@ from click.testing import CliRunner
 
 from taskcodec import bitstream, checkpoints
 from taskcodec.codecs.loading import LoadedCodec, load_codec
-from taskcodec.codecs.scalable import ENTROPY_MODELS, METHODS, EnhancementModel
+from taskcodec.codecs.scalable import EnhancementModel
 from taskcodec.config import EnhancementConfig
 from taskcodec.data import ScenesDataset
 from taskcodec.errors import BitstreamError, ConfigError
@@ -68,10 +68,20 @@ def base_args(task: str = "detection", entropy_model: str = "factorized") -> dic
 
 
 def scalable_args(method: str, *, target: str = "reconstruction", **base) -> dict:
+    """Model args as train-enhancement writes them today."""
     return {"kind": "scalable", "base": {**base_args(**base), "beta": 0.0}, "N": N, "M": M,
             "method": method, "target": target,
             "num_classes": SEG_CLASSES if target == "segmentation" else 3,
-            "condition_decoder": True}
+            "condition_decoder": method == "conditional-decoder", "cond_channels": N,
+            "cond_layers": 3, "cond_kernel": 5}
+
+
+def legacy_args(method: str) -> dict:
+    """Model args of a checkpoint written before conditional-decoder had its own name."""
+    args = scalable_args(method)
+    for key in ("cond_channels", "cond_layers", "cond_kernel"):
+        del args[key]
+    return {**args, "condition_decoder": True}
 
 
 def save_checkpoint(args: dict, path: Path, *, config: dict | None = None, seed: int = 0) -> Path:
@@ -171,40 +181,152 @@ def write_scene_png(path: Path, size: tuple[int, int] = (80, 96)) -> Path:
 # --- 1. what each method conditions on --------------------------------------------------------
 
 
-@pytest.mark.parametrize("condition_decoder", [True, False])
-def test_conditional_depends_on_the_base_latent_and_standalone_zeroes_it(condition_decoder):
-    conditional, standalone = same_weights("conditional", "standalone",
-                                           condition_decoder=condition_decoder)
+def test_default_conditional_decoder_sees_only_the_enhancement_latent():
+    """Both papers: only the entropy model is conditioned; the decoder gets y_e alone."""
+    conditional, with_decoder = same_weights("conditional"), same_weights("conditional-decoder")
+    conditional, with_decoder = conditional[0], with_decoder[0]
+    assert EnhancementConfig.from_dict({"base_run": "0" * 32}).method == "conditional"
+    y1, y2 = two_base_latents()
+    y_e = torch.randn(1, M, SIZE // 16, SIZE // 16, generator=torch.Generator().manual_seed(2))
+    x = scene(3)
+    with torch.no_grad():
+        assert torch.equal(conditional.decode(y_e, y1), conditional.decode(y_e, y2))
+        assert not torch.allclose(with_decoder.decode(y_e, y1), with_decoder.decode(y_e, y2))
+        c1, c2 = conditional(x, y1), conditional(x, y2)
+    # ... while p(y_e | z_e, y_b) changes with the base latent (z_e's prior does not see it).
+    assert not torch.allclose(c1["likelihoods"]["y_e"], c2["likelihoods"]["y_e"])
+    assert torch.equal(c1["likelihoods"]["z_e"], c2["likelihoods"]["z_e"])
+    # The condition path is the configured one; the decoder's input is y_e's M channels.
+    assert conditional.g_s[0].in_channels == M and with_decoder.g_s[0].in_channels == 2 * M
+    assert [m.kernel_size for m in conditional.cond if isinstance(m, torch.nn.Conv2d)] == \
+        [(5, 5)] * 3
+
+
+@pytest.mark.parametrize("method", ["conditional", "conditional-decoder"])
+def test_conditional_depends_on_the_base_latent_and_the_refit_zeroes_it(method):
+    # paper 2's standalone re-fits the paper-faithful conditional; the former standalone
+    # (stored runs) came with either decoder
+    decoder = method == "conditional-decoder"
+    zeroed = ("standalone",) if decoder else ("standalone-refit", "standalone")
+    conditional, *others = same_weights(method, *zeroed, condition_decoder=decoder)
+    assert others[-1].condition_decoder == decoder
+    refit = others[0]
     y1, y2 = two_base_latents()
     x = scene(3)
     with torch.no_grad():
         c1, c2 = conditional(x, y1), conditional(x, y2)
-        s1, s2 = standalone(x, y1), standalone(x, y2)
         c0 = conditional(x, torch.zeros_like(y1))
-
-    # Conditional: p(y_e | z_e, y_b) and the decoded image change with the base latent; the
-    # hyperprior's own side information z_e does not see it.
+        outputs = {name: (model(x, y1), model(x, y2)) for name, model in zip(zeroed, others)}
     assert not torch.allclose(c1["likelihoods"]["y_e"], c2["likelihoods"]["y_e"])
-    assert torch.equal(c1["likelihoods"]["z_e"], c2["likelihoods"]["z_e"])
-    assert not torch.allclose(c1["x_hat"], c2["x_hat"])
-    # Standalone: the same weights, but the condition is zeroed, whatever the base says.
-    for key in ("y_e", "z_e"):
-        assert torch.equal(s1["likelihoods"][key], s2["likelihoods"][key])
-        assert torch.equal(s1["likelihoods"][key], c0["likelihoods"][key])
-    assert torch.equal(s1["x_hat"], s2["x_hat"])
-    assert torch.equal(s1["x_hat"], c0["x_hat"])
+    # Paper 2's standalone and the former standalone: the condition is zeroed, whatever the
+    # base says.
+    for name, (s1, s2) in outputs.items():
+        for key in ("y_e", "z_e"):
+            assert torch.equal(s1["likelihoods"][key], s2["likelihoods"][key]), name
+            assert torch.equal(s1["likelihoods"][key], c0["likelihoods"][key]), name
+        assert torch.equal(s1["x_hat"], s2["x_hat"]) and torch.equal(s1["x_hat"], c0["x_hat"])
 
     # The same holds for real bitstreams: decoding conditional strings needs the right base.
     with torch.no_grad():
         enc = conditional.compress(x, y1)
         right = conditional.decompress(enc["strings"], enc["shape"], y1)["x_hat"]
         wrong = conditional.decompress(enc["strings"], enc["shape"], y2)["x_hat"]
-        s_enc1, s_enc2 = standalone.compress(x, y1), standalone.compress(x, y2)
-        s_dec = standalone.decompress(s_enc1["strings"], s_enc1["shape"], y2)["x_hat"]
+        s_enc1, s_enc2 = refit.compress(x, y1), refit.compress(x, y2)
+        s_dec = refit.decompress(s_enc1["strings"], s_enc1["shape"], y2)["x_hat"]
     torch.testing.assert_close(right, c1["x_hat"].clamp(0, 1), atol=1e-5, rtol=0)
     assert not torch.allclose(right, wrong)
     assert s_enc1["strings"] == s_enc2["strings"]
-    torch.testing.assert_close(s_dec, s1["x_hat"].clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(s_dec, outputs[zeroed[0]][0]["x_hat"].clamp(0, 1), atol=1e-5,
+                               rtol=0)
+
+
+def test_standalone_refit_trains_only_the_entropy_model():
+    (refit,) = same_weights("standalone-refit")
+    trainable = {n for n, p in refit.named_parameters() if p.requires_grad}
+    assert trainable == set(refit.entropy_model_parameter_names())
+    assert trainable and all(n.startswith(("coder.", "cond.")) for n in trainable)
+    assert not any(p.requires_grad for p in (*refit.g_a.parameters(), *refit.g_s.parameters()))
+
+
+def test_lower_and_upper_differ_only_in_rate_accounting():
+    """Paper 1's baselines: one architecture and one training signal; upper's base is free."""
+    from taskcodec.recipes import EnhancementRecipe
+
+    x = scene(1)
+    models, parts = {}, {}
+    for method in ("lower", "upper"):
+        torch.manual_seed(3)
+        models[method] = model = build_from_args(scalable_args(method)).train()
+        assert not hasattr(model.enhancement, "cond") and model.enhancement.coder.cond_channels == 0
+        recipe = EnhancementRecipe(EnhancementConfig.from_dict({"base_run": "0" * 32,
+                                                                "method": method}))
+        torch.manual_seed(4)  # the same quantisation noise
+        parts[method] = recipe._parts(model, x, None, model(x))
+        model.zero_grad()
+        parts[method]["loss"].backward()
+    lower, upper = models["lower"], models["upper"]
+    assert lower.state_dict().keys() == upper.state_dict().keys()
+    assert all(torch.equal(v, upper.state_dict()[k]) for k, v in lower.state_dict().items())
+    for key in ("bpp_base", "bpp_enh", "mse_loss"):
+        assert torch.equal(parts["lower"][key], parts["upper"][key]), key
+    assert parts["lower"]["bpp_base"] > 0
+    assert torch.equal(parts["upper"]["bpp_loss"], parts["upper"]["bpp_enh"])
+    torch.testing.assert_close(parts["lower"]["bpp_loss"],
+                               parts["upper"]["bpp_enh"] + parts["upper"]["bpp_base"])
+    grads = {m: {n: p.grad for n, p in models[m].named_parameters() if p.grad is not None}
+             for m in models}
+    assert grads["lower"].keys() == grads["upper"].keys() and grads["lower"]
+    for name, grad in grads["lower"].items():  # the base's bits are a constant of the loss
+        torch.testing.assert_close(grad, grads["upper"][name], rtol=1e-5, atol=1e-7)
+
+
+def test_rmse_distortion_and_straight_through_quantisation():
+    from taskcodec.codecs.scalable import HyperpriorCoder
+    from taskcodec.recipes import EnhancementRecipe
+
+    recipe = EnhancementRecipe(EnhancementConfig.from_dict(
+        {"base_run": "0" * 32, "distortion": "rmse", "alpha": 2.0}))
+    x = torch.full((2, 3, 16, 16), 0.5)
+    x_hat = x + torch.tensor([1.0, 3.0]).view(2, 1, 1, 1) / 255  # per-image RMSE 1 and 3 (/255)
+    ones = {"y": torch.ones(2, 1, 1, 1)}
+    out = {"x_hat": x_hat, "likelihoods": {"y_e": torch.full((2, 1, 2, 2), 0.5)},
+           "base_likelihoods": ones}
+    parts = recipe._parts(None, x, None, out)
+    assert float(parts["rmse_loss"]) == pytest.approx(2.0)       # 255 * mean(1, 3) / 255
+    assert float(parts["bpp_loss"]) == pytest.approx(8 / (2 * 256))
+    assert float(parts["loss"]) == pytest.approx(2.0 + 2.0 * 8 / 512)
+
+    torch.manual_seed(0)
+    coder = HyperpriorCoder(M, N).train()
+    coder.ste = True
+    coder.entropy_bottleneck.eval()  # z rounded, so both passes below see the same means
+    y = torch.randn(1, M, 4, 4, requires_grad=True)
+    y_hat, likelihoods = coder(y)
+    scales, means = coder._params(coder.entropy_bottleneck(coder.h_a(y))[0], None)
+    rounded, expected = coder.gaussian_conditional(y, scales, means, training=False)
+    torch.testing.assert_close(y_hat, rounded)  # rounded as at test time, not noisy
+    torch.testing.assert_close(likelihoods["y"], expected)
+    y_hat.sum().backward()
+    assert torch.all(y.grad != 0)  # the straight-through gradient reaches y
+
+
+def test_legacy_conditional_checkpoints_load_as_conditional_decoder(tmp_path):
+    from taskcodec.codecs.scalable import method_of
+
+    old = legacy_args("conditional")
+    assert method_of(old) == "conditional-decoder"
+    assert method_of(scalable_args("conditional")) == "conditional"
+    codec = codec_for(tmp_path, old)
+    enhancement = codec.model.enhancement
+    assert enhancement.method == "conditional-decoder" and enhancement.condition_decoder
+    assert codec.name == "scalable-conditional-reconstruction"  # old files still decode
+    assert [m.kernel_size for m in enhancement.cond if isinstance(m, torch.nn.Conv2d)] == \
+        [(3, 3)] * 2
+    x = scene(0)
+    torch.testing.assert_close(codec.decompress(codec.compress(x))["x_hat"],
+                               codec.model(x)["x_hat"].clamp(0, 1), atol=1e-5, rtol=0)
+    config = EnhancementConfig.from_dict({"base_run": "0" * 32, "condition_decoder": "True"})
+    assert config.method == "conditional-decoder"
 
 
 def test_residual_adds_the_decoded_residual_to_a_prediction_from_the_base():
@@ -230,8 +352,11 @@ def test_residual_adds_the_decoded_residual_to_a_prediction_from_the_base():
 # --- 2. real layered bitstreams --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entropy_model", ENTROPY_MODELS)
-@pytest.mark.parametrize("method", METHODS)
+# upper has lower's architecture, standalone-refit the former standalone's zeroed condition
+@pytest.mark.parametrize(("method", "entropy_model"), [
+    *((m, "factorized") for m in ("conditional", "conditional-decoder", "residual", "lower",
+                                  "standalone")),
+    *((m, "hyperprior") for m in ("conditional", "residual", "standalone-refit"))])
 def test_layered_bitstream_decodes_to_the_forward_pass(method, entropy_model, tmp_path):
     codec = codec_for(tmp_path, scalable_args(method, entropy_model=entropy_model))
     assert codec.kind == "scalable" and codec.name == f"scalable-{method}-reconstruction"
@@ -443,6 +568,26 @@ def test_evaluation_logs_the_base_preview_and_the_residual_prediction(tmp_path, 
     assert "psnr_base" not in summary  # beta = 0 without a probe shows nothing
 
 
+def test_upper_baseline_is_charged_the_enhancement_bytes_only(tmp_path):
+    from taskcodec.config import EvalConfig
+    from taskcodec.evaluate import _evaluate_task
+
+    summaries = {}
+    for method in ("lower", "upper"):
+        codec = codec_for(tmp_path, scalable_args(method), name=method, seed=5)
+        summaries[method], _, _ = _evaluate_task(
+            EvalConfig(checkpoint="unused", data="scenes", max_images=1), codec)
+    lower, upper = summaries["lower"], summaries["upper"]
+    for key in ("bpp_base", "bpp_enh", "bpp_file", "psnr", "header_bytes",
+                "bpp_base_estimated", "bpp_enh_estimated"):
+        assert lower[key] == pytest.approx(upper[key], rel=1e-6), key
+    assert lower["bpp"] == pytest.approx(lower["bpp_base"] + lower["bpp_enh"])
+    assert upper["bpp"] == pytest.approx(upper["bpp_enh"])
+    assert upper["bpp_estimated"] == pytest.approx(upper["bpp_enh_estimated"])
+    assert lower["bpp_estimated"] == pytest.approx(lower["bpp_base_estimated"]
+                                                   + lower["bpp_enh_estimated"])
+
+
 # --- 5. refused settings (no server needed) ---------------------------------------------------
 
 
@@ -456,6 +601,19 @@ def test_residual_enhancement_for_segmentation_is_refused():
     status, _, err = run_cli("train-enhancement", "--base-run", "0" * 32,
                              "--method", "residual", "--target", "segmentation")
     assert one_error_line(status, err) == f"Error: {message}"
+
+
+def test_former_standalone_and_a_refit_without_its_source_are_refused():
+    for settings, message in (
+            ({"method": "standalone"}, "method=standalone is now named lower"),
+            ({"method": "standalone-refit"}, "method=standalone-refit needs --init-from"),
+            ({"method": "conditional", "target": "segmentation", "distortion": "rmse"},
+             "distortion=rmse is a reconstruction distortion")):
+        with pytest.raises(ConfigError, match=message):
+            EnhancementConfig.from_dict({"base_run": "0" * 32, **settings})
+    # a stored standalone run still resumes
+    assert EnhancementConfig.from_dict({"base_run": "0" * 32, "method": "standalone",
+                                        "resume": "1" * 32}).method == "standalone"
 
 
 def test_train_enhancement_without_a_base_run_is_refused():
@@ -528,7 +686,15 @@ def test_enhancement_run_links_its_frozen_base_fetched_by_run_id(runs, mlflow_se
     assert {k: params.get(k) for k in ("base_run", "method", "target", "alpha", "N", "M",
                                        "image_size", "condition_decoder")} == {
         "base_run": runs.base, "method": "conditional", "target": "reconstruction",
-        "alpha": "0.01", "N": "8", "M": "8", "image_size": "64", "condition_decoder": "True"}
+        "alpha": "0.01", "N": "8", "M": "8", "image_size": "64", "condition_decoder": "False"}
+    assert {k: enh_run.data.tags.get(k) for k in ("defined_by", "condition_decoder")} == {
+        "defined_by": "paper1+paper2", "condition_decoder": "false"}
+    counts = {k: int(v) for k, v in params.items() if k.startswith("params_")}
+    assert set(counts) >= {"params_total", "params_base", "params_enh", "params_enh_g_a",
+                           "params_enh_g_s", "params_enh_condition", "params_enh_entropy_model",
+                           "params_base_g_a", "params_base_entropy_model", "params_trainable"}
+    assert counts["params_total"] == counts["params_base"] + counts["params_enh"]
+    assert counts["params_trainable"] == counts["params_enh"] > counts["params_enh_condition"] > 0
     history = c.get_metric_history(runs.enhancement, "bpp_enh")
     assert sorted(m.step for m in history) == [1, 2]
 
@@ -560,6 +726,13 @@ def test_evaluate_logs_the_rate_of_each_layer_and_both_tasks(runs, mlflow_server
     assert metrics["bpp"] == pytest.approx(metrics["bpp_base"] + metrics["bpp_enh"], rel=1e-9)
     assert 0 < metrics["bpp_enh"] < metrics["bpp"] and 0 < metrics["bpp_base"] < metrics["bpp"]
     assert 0 < metrics["psnr"] < 100 and 0 <= metrics["map"] <= 1
+    # the papers' view: rates the likelihoods promise, and the container header on its own
+    assert metrics["bpp_estimated"] == pytest.approx(
+        metrics["bpp_base_estimated"] + metrics["bpp_enh_estimated"], rel=1e-6)
+    assert 0 < metrics["bpp_enh_estimated"] and 0 < metrics["bpp_base_estimated"]
+    assert metrics["header_bytes"] > 20 and metrics["bpp_file"] == metrics["bpp"]
+    assert metrics["bpp_header"] == pytest.approx(8 * metrics["header_bytes"] / 64 ** 2)
+    assert metrics["bpp_header"] < metrics["bpp_base"]
     tags = run.data.tags
     assert {k: tags.get(k) for k in ("entry_point", "method", "target", "task", "base_run_id",
                                      "evaluated_run_id", "beta")} == {
@@ -646,6 +819,30 @@ def test_base_run_that_is_not_a_train_base_run_is_refused_before_a_run_starts(
     c = client(mlflow_server.uri)
     found = c.get_experiment_by_name(experiment)
     assert found is None or not c.search_runs([found.experiment_id])
+
+
+@pytest.mark.slow
+@pytest.mark.server
+def test_standalone_refit_changes_only_the_entropy_model_of_its_conditional_source(
+        runs, mlflow_server, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_cli("train-enhancement", "--base-run", runs.base, "--method",
+                             "standalone-refit", "--init-from", runs.base, *TINY)
+    assert "re-fits a conditional run, not a base run" in one_error_line(status, err)
+    refit = run_id_from(run_ok("train-enhancement", "--base-run", runs.base, "--method",
+                               "standalone-refit", "--init-from", runs.enhancement,
+                               "--alpha", "0.01", "--lr", "0.01", *TINY))
+    tags = client(mlflow_server.uri).get_run(refit).data.tags
+    assert {k: tags.get(k) for k in ("method", "baseline_of", "defined_by", "init_from")} == {
+        "method": "standalone-refit", "baseline_of": "paper2-standalone",
+        "defined_by": "paper2", "init_from": runs.enhancement}
+    source = fetch(runs.enhancement, "best", tmp_path / "source")["model"]
+    after = fetch(refit, "last", tmp_path / "refit")["model"]
+    assert source.keys() == after.keys()
+    changed = {k for k in source if not torch.equal(source[k], after[k])}
+    entropy_model = ("enhancement.coder.", "enhancement.cond.")
+    assert changed and all(k.startswith(entropy_model) for k in changed), sorted(changed)
+    assert any(k.startswith("enhancement.coder.entropy_parameters.") for k in changed)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """`make scalable-demo` end to end, at toy sizes: the exact script users run.
 
 The script chains ~20 processes (two detection bases, a start and fine-tuned points per curve,
-the single-layer reference, an evaluate with real layered bitstreams per point, the comparison)
+paper 1's baselines and paper 2's standalone-refit, an evaluate with real layered bitstreams per
+point, the comparison)
 on the embedded scenes, with a real sqlite MLflow store. Steps are cut to 1-2 per run and one
 alpha, so the figures mean nothing; what is checked is the plumbing: every run is there with
 its lineage, the comparison reads exactly this invocation's evaluate runs and writes its files.
@@ -44,26 +45,35 @@ def test_scalable_demo_trains_evaluates_and_compares_every_curve(tmp_path):
         points = list(csv.DictReader(f))
     curves = sorted({p["curve"] for p in points})
     assert curves == ["base-detection-beta0/0.0", "base-detection-beta5/5.0",
-                      "bmshj2018-hyperprior/(no beta)", "conditional/0.0", "conditional/5.0",
-                      "residual/0.0", "standalone/0.0"]
+                      "conditional/0.0", "conditional/5.0", "lower/0.0", "residual/0.0",
+                      "standalone-refit/0.0", "upper/0.0"]
     assert stale.info.run_id not in {p["run_id"] for p in points}
     compared = json.loads((out / "compared_runs.json").read_text())
-    assert len(compared["run_ids"]) == len(points) == 7
+    assert len(compared["run_ids"]) == len(points) == 8
     assert (out / "rd_psnr.png").stat().st_size > 0 and (out / "bd.csv").is_file()
-    enh = [p for p in points if p["curve"].split("/")[0] in ("conditional", "residual",
-                                                              "standalone")]
-    assert {p["label"] for p in enh} == {"α=256"}
-    assert all(float(p["psnr"]) > 0 and float(p["bpp"]) > 0 for p in enh)
+    enh = {p["curve"].split("/")[0]: p for p in points if not p["curve"].startswith("base-")}
+    assert {p["label"] for p in enh.values()} == {"α=256"}
+    assert all(float(p["psnr"]) > 0 and float(p["bpp"]) > 0 for p in enh.values())
+    # upper is lower with the base bits free: the same model, charged less
+    assert enh["upper"]["psnr"] == enh["lower"]["psnr"]
+    assert float(enh["upper"]["bpp"]) < float(enh["lower"]["bpp"])
+    # paper 1's ratio is attempted for each method against the beta=0 baselines (one point per
+    # curve here: the rows say why BD cannot be computed)
+    ratios = {r["curve"] for r in csv.DictReader(open(out / "ratio.csv", newline=""))}
+    assert ratios == {"conditional/0.0", "residual/0.0", "standalone-refit/0.0"}
 
     # lineage: every point was fine-tuned from its curve's start run, on the right base
     runs = {r.info.run_name: r for r in client.search_runs(
         [client.get_experiment_by_name("demo-test").experiment_id], max_results=200)}
     for name, start in [("conditional-beta0-a256", "conditional-beta0-start"),
                         ("residual-beta0-a256", "residual-beta0-start"),
-                        ("standalone-beta0-a256", "standalone-beta0-start"),
-                        ("conditional-beta5-a256", "conditional-beta5-start"),
-                        ("single-layer-a256", "single-layer-start")]:
+                        ("lower-beta0-a256", "lower-beta0-start"),
+                        ("upper-beta0-a256", "lower-beta0-start"),
+                        ("standalone-refit-beta0-a256", "conditional-beta0-a256"),
+                        ("conditional-beta5-a256", "conditional-beta5-start")]:
         assert runs[name].data.tags["init_from"] == runs[start].info.run_id, name
     assert (runs["conditional-beta5-a256"].data.tags["base_run_id"]
             == runs["base-beta5"].info.run_id)
     assert runs["eval-residual-beta0-a256"].data.tags["entry_point"] == "evaluate"
+    assert runs["standalone-refit-beta0-a256"].data.tags["baseline_of"] == "paper2-standalone"
+    assert runs["eval-upper-beta0-a256"].data.tags["baseline_of"] == "paper1-upper"

@@ -1,7 +1,8 @@
 """Rate–distortion comparisons of MLflow runs: curves, Bjøntegaard deltas, plots and tables.
 
-Every evaluate run is one point: its rate ``bpp`` (counted from real bytes) and its quality
-metrics (``psnr``, ``ms_ssim``, task metrics such as ``map`` or ``abs_rel``). Runs are grouped
+Every evaluate run is one point: its rate (``bpp``, counted from real bytes, unless ``--rate``
+picks another logged rate such as ``bpp_enh`` or the likelihoods' ``bpp_estimated``) and its
+quality metrics (``psnr``, ``ms_ssim``, task metrics such as ``map`` or ``abs_rel``). Runs are grouped
 into curves by a tag or param (``method`` unless told otherwise) and ordered by rate. For every
 quality metric the runs share, each curve is compared with an anchor curve by its Bjøntegaard
 deltas (G. Bjøntegaard, "Calculation of average PSNR differences between RD-curves",
@@ -15,6 +16,9 @@ Published points (a CompressAI results JSON, a CSV of bpp and metrics) and the J
 evaluate measured next to each run join as reference curves. The result is a set of files
 (RD plots as PNG and SVG, points and BD table as CSV and JSON) logged as artifacts of a new
 MLflow run tagged ``comparison=true``.
+
+When the curves hold paper 1's baselines, every other curve of their group also gets paper 1's
+share of the ideal gain (:mod:`taskcodec.ideal_gain`).
 """
 
 from __future__ import annotations
@@ -152,16 +156,24 @@ def parse_group_by(group_by: str) -> list[str]:
     return keys
 
 
-def curves_from_runs(runs: Iterable, group_by: str = "method") -> list[Curve]:
-    """One curve per value of ``group_by`` (a tag or param, or several joined by commas)."""
+def check_rate(rate: str) -> None:
+    if not re.fullmatch(r"bpp[A-Za-z0-9_]*", rate):
+        raise ConfigError(f"--rate {rate!r} is not a rate metric (bpp, bpp_enh, bpp_base, "
+                          "bpp_estimated, bpp_enh_estimated, ...)")
+
+
+def curves_from_runs(runs: Iterable, group_by: str = "method", rate: str = RATE) -> list[Curve]:
+    """One curve per value of ``group_by`` (a tag or param, or several joined by commas), with
+    the logged metric ``rate`` as each point's rate."""
+    check_rate(rate)
     keys = parse_group_by(group_by)
     groups: dict[str, list[Point]] = {}
     for run in runs:
         metrics = _finite(run.data.metrics)
-        if RATE not in metrics:
-            log.debug("run %s has no finite %s; left out", run.info.run_id, RATE)
+        if rate not in metrics:
+            log.debug("run %s has no finite %s; left out", run.info.run_id, rate)
             continue
-        bpp = metrics.pop(RATE)
+        bpp = metrics.pop(rate)
         quality = {k: v for k, v in metrics.items() if is_quality_metric(k)}
         groups.setdefault(group_value(run, keys), []).append(
             Point(bpp, quality, run.info.run_id, _point_label(run)))
@@ -461,7 +473,7 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
 
 
-def plot_rd(curves: Sequence[Curve], metric: str, stem: Path) -> list[Path]:
+def plot_rd(curves: Sequence[Curve], metric: str, stem: Path, rate: str = RATE) -> list[Path]:
     """RD plot of ``metric`` against bpp: one line per curve, a marker per point (labelled with
     its λ for run curves), references dashed. Writes ``stem``.png and ``stem``.svg."""
     import matplotlib
@@ -482,7 +494,7 @@ def plot_rd(curves: Sequence[Curve], metric: str, stem: Path) -> list[Path]:
                 ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(4, -10),
                             fontsize=7, alpha=0.7)
     ax.margins(x=0.08)  # room for the λ labels right of the last point
-    ax.set_xlabel("Rate (bpp, bits per pixel)")
+    ax.set_xlabel("Rate (bpp, bits per pixel)" if rate == RATE else f"Rate ({rate}, bits per pixel)")
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{_LABELS.get(metric.lower(), metric)} vs rate")
     ax.grid(True, alpha=0.3)
@@ -499,21 +511,22 @@ def _json_number(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def points_records(curves: Sequence[Curve]) -> list[dict[str, Any]]:
+def points_records(curves: Sequence[Curve], rate: str = RATE) -> list[dict[str, Any]]:
     return [{"curve": c.name, "source": c.source, "run_id": p.run_id, "label": p.label,
-             "bpp": p.bpp, **p.metrics} for c in curves for p in c.points]
+             rate: p.bpp, **p.metrics} for c in curves for p in c.points]
 
 
-def write_points(curves: Sequence[Curve], folder: Path) -> list[Path]:
-    """points.csv (one row per point, one column per metric) and points.json (by curve)."""
+def write_points(curves: Sequence[Curve], folder: Path, rate: str = RATE) -> list[Path]:
+    """points.csv (one row per point, one column per metric) and points.json (by curve); the
+    rate column is named after the rate compared (``bpp`` unless ``--rate``)."""
     metrics = sorted({m for c in curves for p in c.points for m in p.metrics})
-    fields = ["curve", "source", "run_id", "label", "bpp", *metrics]
+    fields = ["curve", "source", "run_id", "label", rate, *metrics]
     csv_path, json_path = folder / "points.csv", folder / "points.json"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, restval="")
         writer.writeheader()
-        writer.writerows(points_records(curves))
-    doc = {"rate": RATE, "curves": [
+        writer.writerows(points_records(curves, rate))
+    doc = {"rate": rate, "curves": [
         {"name": c.name, "source": c.source,
          "points": [{"run_id": p.run_id, "label": p.label, "bpp": p.bpp,
                      "metrics": {k: _json_number(v) for k, v in p.metrics.items()}}
@@ -522,21 +535,27 @@ def write_points(curves: Sequence[Curve], folder: Path) -> list[Path]:
     return [csv_path, json_path]
 
 
-def write_bd(rows: Sequence[BDRow], folder: Path, *, anchor: str, method: str) -> list[Path]:
-    """bd.csv and bd.json: BD-rate (%) and BD-metric of every curve against the anchor."""
-    fields = ["curve", "anchor", "metric", "bd_rate", "bd_metric", "rate_overlap",
-              "quality_overlap", "bd_rate_error", "bd_metric_error"]
-    csv_path, json_path = folder / "bd.csv", folder / "bd.json"
+def write_rows(rows: Sequence[Any], fields: list[str], stem: Path,
+                doc: dict[str, Any]) -> list[Path]:
+    """``stem``.csv (one line per row, None as blank) and ``stem``.json (``doc`` + rows)."""
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
     records = [{f: getattr(r, f) for f in fields} for r in rows]
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows({k: "" if v is None else v for k, v in rec.items()} for rec in records)
-    doc = {"anchor": anchor, "method": method, "bd_rate_unit": "%",
-           "rows": [{k: _json_number(v) if isinstance(v, float) else v for k, v in rec.items()}
-                    for rec in records]}
+    doc = {**doc, "rows": [{k: _json_number(v) if isinstance(v, float) else v
+                            for k, v in rec.items()} for rec in records]}
     json_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return [csv_path, json_path]
+
+
+def write_bd(rows: Sequence[BDRow], folder: Path, *, anchor: str, method: str) -> list[Path]:
+    """bd.csv and bd.json: BD-rate (%) and BD-metric of every curve against the anchor."""
+    fields = ["curve", "anchor", "metric", "bd_rate", "bd_metric", "rate_overlap",
+              "quality_overlap", "bd_rate_error", "bd_metric_error"]
+    return write_rows(rows, fields, folder / "bd",
+                       {"anchor": anchor, "method": method, "bd_rate_unit": "%"})
 
 
 # -- terminal ---------------------------------------------------------------------------------
@@ -681,12 +700,14 @@ class CompareOptions:
     references: tuple[str, ...] = ()
     jpeg: bool = False
     bd_method: str = "pchip"
+    rate: str = RATE
     output_dir: Path | None = None
     run_name: str = ""
 
     def __post_init__(self) -> None:
         _check_method(self.bd_method)
         parse_group_by(self.group_by)
+        check_rate(self.rate)
 
 
 @dataclass
@@ -700,6 +721,7 @@ class Comparison:
     files: list[Path]
     compared_run_ids: list[str]
     text: str
+    ratios: list = field(default_factory=list)  # ideal_gain.RatioRow
 
 
 def _resolve_experiment(client, name: str):
@@ -713,7 +735,7 @@ def _resolve_experiment(client, name: str):
 
 def build_curves(runs: Sequence, options: CompareOptions) -> list[Curve]:
     """Run curves, then the reference files, then JPEG; names are unique."""
-    curves = curves_from_runs(runs, options.group_by)
+    curves = curves_from_runs(runs, options.group_by, options.rate)
     curves += [load_reference(p) for p in options.references]
     if options.jpeg:
         jpeg = jpeg_curve(runs)
@@ -746,13 +768,18 @@ def choose_metrics(curves: Sequence[Curve], wanted: Sequence[str]) -> list[str]:
 
 
 def write_outputs(curves: Sequence[Curve], metrics: Sequence[str], rows: Sequence[BDRow],
-                  folder: Path, *, anchor: str, method: str, run_ids: Sequence[str]) -> list[Path]:
+                  folder: Path, *, anchor: str, method: str, run_ids: Sequence[str],
+                  rate: str = RATE, ratios: Sequence[Any] = ()) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for metric in metrics:
-        files += plot_rd(curves, metric, folder / f"rd_{safe_name(metric)}")
-    files += write_points(curves, folder)
+        files += plot_rd(curves, metric, folder / f"rd_{safe_name(metric)}", rate)
+    files += write_points(curves, folder, rate)
     files += write_bd(rows, folder, anchor=anchor, method=method)
+    if ratios:
+        from taskcodec.ideal_gain import write_ratios
+
+        files += write_ratios(ratios, folder)
     runs_path = folder / "compared_runs.json"
     runs_path.write_text(json.dumps({"run_ids": list(run_ids)}, indent=2) + "\n")
     files.append(runs_path)
@@ -776,6 +803,7 @@ def _log_run(client, experiment_id: str, files: Sequence[Path], options: Compare
             "mlflow.note.content": note, **tracking.environment_tags()}
     params = {"experiment": experiment, "filter": options.filter_string[:500],
               "group_by": options.group_by, "anchor": anchor, "bd_method": options.bd_method,
+              "rate": options.rate,
               "metrics": ",".join(metrics)[:500], "curves": curves, "compared_runs": len(run_ids),
               "references": ",".join(Path(p).name for p in options.references)[:500],
               "jpeg": str(options.jpeg).lower()}
@@ -806,6 +834,7 @@ def compare(options: CompareOptions) -> Comparison:
     from mlflow.tracking import MlflowClient
 
     from taskcodec import tracking
+    from taskcodec.ideal_gain import format_ratios, ideal_gain_ratios, markdown_ratios
 
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
@@ -819,31 +848,35 @@ def compare(options: CompareOptions) -> Comparison:
         experiment_id = _resolve_experiment(client, name).experiment_id
         runs = select_runs(client, experiment_ids=[experiment_id],
                            filter_string=options.filter_string, tags=options.tags)
-    runs = [r for r in runs if RATE in r.data.metrics]
+    runs = [r for r in runs if options.rate in r.data.metrics]
     if not runs:
         what = (f"runs {', '.join(options.run_ids)}" if options.run_ids
                 else f"experiment {name!r}" + (f" matching {options.filter_string!r}"
                                                if options.filter_string else ""))
-        raise ConfigError(f"no run with a {RATE} metric among {what} at {uri} "
+        raise ConfigError(f"no run with a {options.rate} metric among {what} at {uri} "
                           "(evaluate checkpoints first: taskcodec evaluate --checkpoint RUN_ID)")
     curves = build_curves(runs, options)
     metrics = choose_metrics(curves, options.metrics)
     anchor = pick_anchor(curves, options.anchor or None)
     rows = bd_table(curves, anchor, metrics, options.bd_method)
+    ratios = ideal_gain_ratios(curves, metrics, options.bd_method)
     run_ids = sorted({r.info.run_id for r in runs})
     text = "\n\n".join([format_curves(curves, metrics), format_bd(rows, anchor.name,
-                                                                   options.bd_method)])
+                                                                   options.bd_method)]
+                        + ([format_ratios(ratios)] if ratios else []))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(options.output_dir) if options.output_dir else Path(tmp)
         files = write_outputs(curves, metrics, rows, folder, anchor=anchor.name,
-                              method=options.bd_method, run_ids=run_ids)
+                              method=options.bd_method, run_ids=run_ids, rate=options.rate,
+                              ratios=ratios)
         (folder / "summary.txt").write_text(text + "\n")
         files.append(folder / "summary.txt")
         run_id = _log_run(client, experiment_id, files, options,
                           experiment=name if not options.run_ids else options.experiment,
                           anchor=anchor.name, metrics=metrics, curves=len(curves),
-                          run_ids=run_ids, note=markdown_bd(rows, anchor.name, options.bd_method))
+                          run_ids=run_ids, note=markdown_bd(rows, anchor.name, options.bd_method)
+                          + ("\n\n" + markdown_ratios(ratios) if ratios else ""))
         if not options.output_dir:
             files = [Path("comparison") / f.name for f in files]  # only in MLflow now
     return Comparison(run_id, experiment_id, curves, metrics, anchor.name, rows, files,
-                      run_ids, text)
+                      run_ids, text, ratios)

@@ -334,10 +334,16 @@ class EnhancementConfig(LoopConfig):
 
     base_run: str = opt("", "MLflow run id (or checkpoint path) of the trained base layer")
     data: str = opt("scenes", "'scenes' (procedural, embedded), coco:PATH or cityscapes:PATH")
-    method: str = opt("conditional", "how the enhancement uses the base: conditional "
-                      "(entropy model and decoder conditioned on it), residual (codes the "
-                      "input minus a prediction from it) or standalone (ignores it)",
-                      choices=("conditional", "residual", "standalone"))
+    method: str = opt("conditional", "how the enhancement uses the base: conditional (its "
+                      "entropy model is conditioned on it, as in both papers), "
+                      "conditional-decoder (taskcodec's extension: the decoder too), residual "
+                      "(codes the input minus a prediction from it), lower / upper (paper 1's "
+                      "baselines: no base; charged base + own rate / own rate only), "
+                      "standalone-refit (paper 2's standalone: re-fits only the entropy model "
+                      "of the --init-from conditional run, condition zeroed); standalone is "
+                      "the former name of lower, kept for stored runs",
+                      choices=("conditional", "conditional-decoder", "residual", "lower",
+                               "upper", "standalone-refit", "standalone"))
     target: str = opt("reconstruction", "what the enhancement serves",
                       choices=("reconstruction", "segmentation"))
     N: int = opt(64, "channels of the enhancement transforms", min=1, max=1024)
@@ -346,7 +352,17 @@ class EnhancementConfig(LoopConfig):
                        "with D = 255^2 * MSE (alpha = 1/lambda of CompressAI's convention: "
                        "64..512 spans its usual range) or the segmentation cross-entropy "
                        "(alpha around 0.05..1)", min=0, min_exclusive=True)
-    condition_decoder: bool = opt(True, "conditional: also feed the base to the decoder")
+    condition_decoder: bool = opt(False, "the former spelling of method=conditional-decoder "
+                                  "(with method=conditional); read from stored runs")
+    cond_channels: int = opt(0, "width of the condition path, the base latent's features fed "
+                             "to the entropy model (0: N)", min=0, max=1024)
+    cond_layers: int = opt(3, "5x5 convolutions of the condition path (3 at width N: about "
+                           "the residual predictor's parameters)", min=1, max=16)
+    distortion: str = opt("mse", "reconstruction distortion D: mse (255^2 * MSE) or rmse "
+                          "(255 * per-image RMSE, averaged: the papers' code)",
+                          choices=("mse", "rmse"))
+    ste: bool = opt(False, "quantise the enhancement latent by rounding with a straight-through "
+                    "gradient in training (paper 2) instead of additive uniform noise")
     image_size: int = opt(128, "side of the procedural scenes / training crops", min=32,
                           max=4096)
 
@@ -354,9 +370,22 @@ class EnhancementConfig(LoopConfig):
         super().check()
         if not self.base_run:
             raise ConfigError("base_run is required: the MLflow run id of a train-base run")
+        if self.condition_decoder and self.method == "conditional":
+            self.method = "conditional-decoder"  # a stored run's spelling
+        self.condition_decoder = self.method == "conditional-decoder"
+        if self.method == "standalone" and not self.resume:
+            raise ConfigError("method=standalone is now named lower (paper 1's lower baseline; "
+                              "upper: the same without the base's bits; paper 2's standalone "
+                              "is standalone-refit)")
+        if self.method == "standalone-refit" and not (self.init_from or self.resume):
+            raise ConfigError("method=standalone-refit needs --init-from: the conditional run "
+                              "whose entropy model it re-fits")
         if self.method == "residual" and self.target != "reconstruction":
             raise ConfigError("method=residual needs target=reconstruction "
                               "(use conditional for segmentation)")
+        if self.distortion == "rmse" and self.target != "reconstruction":
+            raise ConfigError("distortion=rmse is a reconstruction distortion: it needs "
+                              "target=reconstruction")
         if self.image_size % PAD_MULTIPLE:
             raise ConfigError(f"image_size={self.image_size} must be a multiple of {PAD_MULTIPLE}")
 

@@ -264,6 +264,8 @@ class Trainer:
             self.logger.set_tags({"init_from": config.init_from})
         else:
             recipe.initialise(model)
+        if ckpt is None:
+            self.logger.log_params({k: str(v) for k, v in recipe.model_params(model).items()})
         train_set, val_set = recipe.datasets()
         # Under DDP an epoch still covers the data set once: each rank takes its share.
         steps_per_epoch = max(1, len(train_set) // (config.batch_size * self.dist.world_size))

@@ -125,18 +125,42 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 
 def _layer_bytes(codec: LoadedCodec, data: bytes) -> dict[str, int]:
-    """Bytes of each layer as sent: the base layer carries the header."""
+    """Bytes of each layer as sent: the base layer carries the header (``header``: its bytes
+    alone, the container's overhead)."""
     from taskcodec import bitstream
 
     header, layers = bitstream.unpack(data)
     sizes = {layer.name: layer.payload_size for layer in layers}
-    sizes[layers[0].name] += bitstream.header_size(header, layers)
+    sizes["header"] = bitstream.header_size(header, layers)
+    sizes[layers[0].name] += sizes["header"]
     return sizes
+
+
+def _estimated_rates(codec: LoadedCodec, x: torch.Tensor, pixels: int) -> dict[str, float]:
+    """What the likelihoods promise per layer (the papers' rates: no header, no coder
+    overhead), per pixel of the unpadded image as the real-byte rates."""
+    padded, _ = pad_to_multiple(x, PAD_MULTIPLE)
+    with torch.no_grad():
+        if codec.kind == "scalable":
+            out = codec.model(padded)
+            rates = {"bpp_base_estimated": bpp_from_likelihoods(out["base_likelihoods"], pixels),
+                     "bpp_enh_estimated": bpp_from_likelihoods(out["likelihoods"], pixels)}
+        else:
+            base = codec.model
+            rates = {"bpp_base_estimated": bpp_from_likelihoods(
+                base.coder(base.g_a(padded))[1], pixels)}
+    return {k: float(v) for k, v in rates.items()}
 
 
 def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
                          evaluators: dict, previews: list | None = None) -> dict[str, float]:
-    """Code one sample with the layered format; decode the base alone, then both layers."""
+    """Code one sample with the layered format; decode the base alone, then both layers.
+
+    ``bpp`` is the rate the method is charged for (paper 1's upper baseline: the
+    enhancement's bytes only; every other method: the whole file); ``bpp_file`` is the file.
+    """
+    from taskcodec.codecs.scalable import charged_rate, method_of
+
     x = image.unsqueeze(0)
     height, width = x.shape[-2:]
     pixels = int(height) * int(width)
@@ -148,9 +172,13 @@ def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
     decode_base_time = time.perf_counter() - start
     evaluators["base"].add(base_only["task"], [target], x)
     sizes = _layer_bytes(codec, data)
+    estimated = _estimated_rates(codec, x, pixels)
     row = {"bpp": bpp_from_bytes(len(data), int(height), int(width)),
-           "bpp_base": 8 * sizes["base"] / pixels, "encode_time": encode_time,
-           "decode_base_time": decode_base_time}
+           "bpp_file": bpp_from_bytes(len(data), int(height), int(width)),
+           "bpp_base": 8 * sizes["base"] / pixels, "header_bytes": sizes["header"],
+           "bpp_header": 8 * sizes["header"] / pixels,
+           "bpp_estimated": estimated["bpp_base_estimated"], **estimated,
+           "encode_time": encode_time, "decode_base_time": decode_base_time}
     # Previews apart from the timed decoding: the base layer alone, seen by a human.
     shown = codec.decompress(data, layers={"base"}, previews=True) if codec.has_previews else {}
     for key, name in (("preview", "psnr_base"), ("prediction", "psnr_pred")):
@@ -159,10 +187,14 @@ def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
     if previews is not None and "preview" in shown:
         previews.append(shown["preview"][0])
     if codec.kind == "scalable":
+        method = method_of(codec.model_args)
         start = time.perf_counter()
         full = codec.decompress(data)
         row["decode_time"] = time.perf_counter() - start
         row["bpp_enh"] = 8 * sizes["enhancement"] / pixels
+        row["bpp"] = charged_rate(method, row["bpp_base"], row["bpp_enh"])
+        row["bpp_estimated"] = charged_rate(method, estimated["bpp_base_estimated"],
+                                            estimated["bpp_enh_estimated"])
         if "x_hat" in full:
             row["psnr"] = psnr(x, full["x_hat"])
             row["ms_ssim"] = ms_ssim(x, full["x_hat"])
@@ -276,7 +308,10 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
                                                          codec.model_args.get("task_network",
                                                                               "latent")))})
         if codec.kind == "scalable":
-            tags.update({"method": codec.model_args["method"], "target": info["target"]})
+            from taskcodec.codecs.scalable import method_of, method_tags
+
+            method = method_of(codec.model_args)
+            tags.update({"method": method, "target": info["target"], **method_tags(method)})
             base_run = stored.get("base_run", "")
             if len(base_run) == 32:
                 tags["base_run_id"] = base_run

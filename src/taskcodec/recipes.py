@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taskcodec.codecs.scalable import charged_rate, method_tags
 from taskcodec.config import (
     PAD_MULTIPLE,
     BaseConfig,
@@ -81,6 +82,15 @@ class Recipe:
         """Parameter groups whose gradient norms are clipped each on its own (one by default):
         a part trained apart, such as a probe, must not change the others' clipping."""
         return [list(model.parameters())]
+
+    def model_params(self, model: nn.Module) -> dict[str, int]:
+        """Parameter counts logged as MLflow params, so capacity is visible in the UI."""
+        from taskcodec.codecs.scalable import parameter_counts
+
+        counts = parameter_counts(model)
+        counts["params_trainable"] = sum(p.numel() for p in self.trainable(model).parameters()
+                                         if p.requires_grad)
+        return counts
 
 
 def _num_pixels(x: Tensor) -> int:
@@ -395,6 +405,37 @@ class EnhancementRecipe(Recipe):
 
     def prepare(self) -> None:
         self.base()
+        if self.config.method == "standalone-refit" and not self.config.resume:
+            self._check_refit_source()
+
+    def _check_refit_source(self) -> None:
+        """Paper 2's standalone re-fits the entropy model of a conditional run on this base."""
+        from taskcodec import checkpoints
+        from taskcodec.codecs.scalable import method_of
+
+        c = self.config
+        ckpt, _ = checkpoints.load_ref(c.init_from, "best")
+        args = ckpt.get("model_args") or {}
+        source = method_of(args) if args.get("kind") == "scalable" else args.get("kind", "codec")
+        if source != "conditional":
+            raise CheckpointError(f"init_from={c.init_from}: method=standalone-refit re-fits a "
+                                  f"conditional run, not a {source} run")
+        if args.get("base_fingerprint") != self.base()[1].get("fingerprint", ""):
+            raise CheckpointError(f"init_from={c.init_from}: its base is not base_run="
+                                  f"{c.base_run}")
+        mine = self._condition_args()
+        theirs = {k: args.get(k) for k in ("N", "M", "target", *mine)}
+        wanted = {"N": c.N, "M": c.M, "target": c.target, **mine}
+        if theirs != wanted:
+            diff = ", ".join(f"{k}={theirs[k]} (not {wanted[k]})" for k in wanted
+                             if theirs[k] != wanted[k])
+            raise CheckpointError(f"init_from={c.init_from}: its enhancement has {diff}; "
+                                  "give standalone-refit the same settings")
+
+    def _condition_args(self) -> dict[str, int]:
+        c = self.config
+        return {"cond_channels": c.cond_channels or c.N, "cond_layers": c.cond_layers,
+                "cond_kernel": 5}
 
     def datasets(self):
         if self._datasets is None:
@@ -411,11 +452,13 @@ class EnhancementRecipe(Recipe):
         base = {**ckpt["model_args"], "beta": float(ckpt["config"].get("beta", 0.0))}
         return {"kind": "scalable", "base": base, "N": c.N, "M": c.M,
                 "method": c.method, "target": c.target, "num_classes": num_classes,
-                "condition_decoder": c.condition_decoder,
-                "base_fingerprint": ckpt.get("fingerprint", "")}
+                "condition_decoder": c.method == "conditional-decoder",
+                **self._condition_args(), "base_fingerprint": ckpt.get("fingerprint", "")}
 
     def build_model(self, args):
-        return build_scalable(args, self.base()[0])
+        model = build_scalable(args, self.base()[0])
+        model.enhancement.coder.ste = self.config.ste
+        return model
 
     def trainable(self, model):
         return model.enhancement
@@ -425,10 +468,16 @@ class EnhancementRecipe(Recipe):
         pixels = _num_pixels(x)
         bpp_base = bpp_from_likelihoods(out["base_likelihoods"], pixels)
         bpp_enh = bpp_from_likelihoods(out["likelihoods"], pixels)
-        parts = {"bpp_loss": bpp_base + bpp_enh, "bpp_base": bpp_base, "bpp_enh": bpp_enh}
+        parts = {"bpp_loss": charged_rate(c.method, bpp_base, bpp_enh), "bpp_base": bpp_base,
+                 "bpp_enh": bpp_enh}
         if c.target == "reconstruction":
             parts["mse_loss"] = F.mse_loss(out["x_hat"], x)
-            distortion = 255 ** 2 * parts["mse_loss"]
+            if c.distortion == "rmse":  # the papers' code: 255 * mean of per-image RMSE
+                per_image = (out["x_hat"] - x).pow(2).flatten(1).mean(1)
+                parts["rmse_loss"] = 255 * per_image.clamp_min(1e-12).sqrt().mean()
+                distortion = parts["rmse_loss"]
+            else:
+                distortion = 255 ** 2 * parts["mse_loss"]
         else:
             mask = torch.stack([t["mask"] for t in targets]).to(x.device)
             parts["ce_loss"] = F.cross_entropy(out["logits"], mask, ignore_index=255)
@@ -468,7 +517,7 @@ class EnhancementRecipe(Recipe):
         base_config = ckpt.get("config", {})
         tags = {"method": c.method, "target": c.target, "alpha": str(c.alpha), "layer": "enhancement",
                 "task": str(base_config.get("task", "")), "beta": str(base_config.get("beta", "")),
-                "base_alpha": str(base_config.get("alpha", ""))}
+                "base_alpha": str(base_config.get("alpha", "")), **method_tags(c.method)}
         if ckpt.get("run_id"):
             tags["base_run_id"] = ckpt["run_id"]
         return tags
@@ -476,14 +525,18 @@ class EnhancementRecipe(Recipe):
 
 def build_scalable(args: dict[str, Any], base: nn.Module | None = None) -> nn.Module:
     """A ScalableModel from checkpoint model_args (the base rebuilt when not given)."""
-    from taskcodec.codecs.scalable import EnhancementModel, ScalableModel
+    from taskcodec.codecs.scalable import LEGACY_CONDITION, EnhancementModel, ScalableModel
 
     if base is None:
         base = BaseRecipe.build_model(args["base"])
+    # Checkpoints from before the condition path was configurable: M wide, two 3x3 layers.
+    condition = {"cond_channels": int(args.get("cond_channels", args["M"])),
+                 **{k: int(args.get(k, v)) for k, v in LEGACY_CONDITION.items()}}
     enhancement = EnhancementModel(N=int(args["N"]), M=int(args["M"]),
                                    M_base=int(args["base"]["M"]), method=args["method"],
                                    target=args["target"], num_classes=int(args["num_classes"]),
-                                   condition_decoder=bool(args["condition_decoder"]))
+                                   condition_decoder=bool(args.get("condition_decoder")),
+                                   **condition)
     return ScalableModel(base, enhancement)
 
 

@@ -54,19 +54,24 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--bd-method", type=click.Choice(["pchip", "cubic"]), default="pchip",
               show_default=True,
               help="BD interpolation: piecewise cubic Hermite, or the classic cubic fit")
+@click.option("--rate", default="bpp", show_default=True, metavar="METRIC",
+              help="the rate axis: bpp (real bytes; scalable: what the method is charged), "
+                   "bpp_enh, bpp_base, or the likelihoods' bpp_estimated, bpp_enh_estimated")
 @click.option("--output-dir", default="", metavar="DIR",
               help="also keep the plots, CSV and JSON files here")
 @click.option("--run-name", default="", metavar="NAME", help="name of the comparison run")
 def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags: dict[str, str],
             group_by: str, anchor: str, metrics: tuple[str, ...], references: tuple[str, ...],
-            jpeg: bool, bd_method: str, output_dir: str, run_name: str) -> None:
+            jpeg: bool, bd_method: str, rate: str, output_dir: str, run_name: str) -> None:
     """Compare runs as rate-distortion curves: RD plots and BD-rate / BD-metric tables.
 
     Evaluate runs are grouped into curves (by the method tag unless --group-by says
     otherwise), ordered by bpp, and for every quality metric they share (PSNR, MS-SSIM, task
     metrics) each curve is measured against the anchor. Plots (PNG, SVG), points and BD
     table (CSV, JSON) are logged to a new MLflow run tagged comparison=true. BD needs at
-    least 4 points per curve and overlapping curves; otherwise the table says why.
+    least 4 points per curve and overlapping curves; otherwise the table says why. With
+    curves of paper 1's lower and upper baselines (--group-by method: "lower", "upper"),
+    every other curve of their group also gets paper 1's ratio (share of the ideal gain).
 
     \b
     Examples:
@@ -75,6 +80,8 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
       taskcodec compare --filter "params.N = '128'" --reference kodak/jpeg.json
       taskcodec compare --tag method=mbt2018 --group-by metric --metric ms_ssim
       taskcodec compare --run-id RUN1 --run-id RUN2 --run-id RUN3 --run-id RUN4
+      taskcodec compare --tag layer=scalable --group-by method,beta --anchor lower/0.0
+      taskcodec compare --tag layer=scalable --rate bpp_estimated --metric psnr
     """
     from taskcodec.compare import CompareOptions
     from taskcodec.compare import compare as run_comparison
@@ -83,7 +90,7 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
         experiment=experiment.strip(), filter_string=filter_string.strip(),
         run_ids=_split(run_ids), tags=tags, group_by=group_by, anchor=anchor.strip(),
         metrics=_split(metrics), references=tuple(r for r in references if r.strip()),
-        jpeg=jpeg, bd_method=bd_method,
+        jpeg=jpeg, bd_method=bd_method, rate=rate.strip(),
         output_dir=Path(output_dir) if output_dir.strip() else None, run_name=run_name)
     result = run_comparison(options)
     click.echo(result.text)

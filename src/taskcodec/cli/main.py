@@ -102,13 +102,18 @@ def train_base(config: BaseConfig) -> None:
 def train_enhancement(config: EnhancementConfig) -> None:
     """Train an enhancement layer on top of a frozen base layer from an MLflow run.
 
-    loss = alpha * (bpp_base + bpp_enh) + distortion (255^2 * MSE, or cross-entropy for
-    target=segmentation). method: conditional | residual | standalone (no side information).
+    loss = alpha * (bpp_base + bpp_enh) + distortion (255^2 * MSE or 255 * RMSE, or
+    cross-entropy for target=segmentation); upper: alpha * bpp_enh + distortion.
+    method: conditional (entropy model only, as the papers) | conditional-decoder (taskcodec's
+    extension) | residual | lower | upper (paper 1's baselines) | standalone-refit (paper 2).
 
     \b
     Examples:
       taskcodec train-enhancement --base-run RUN_ID --method conditional --alpha 128
       taskcodec train-enhancement --base-run RUN_ID --method residual --alpha 256
+      taskcodec train-enhancement --base-run RUN_ID --method lower --alpha 128
+      taskcodec train-enhancement --base-run RUN_ID --method standalone-refit \\
+        --init-from CONDITIONAL_RUN_ID --alpha 128
       taskcodec train-enhancement --base-run RUN_ID --target segmentation --alpha 0.1
     """
     _run_training(config)

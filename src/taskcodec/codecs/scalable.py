@@ -2,20 +2,35 @@
 
 * :class:`BaseModel` - a task base layer: an analysis transform and an entropy model whose
   quantized latent ``y_hat_b`` feeds a machine-task head. With ``beta > 0`` a light synthesis
-  head also reconstructs the input from the same latent: the task-compatible representation
-  of Choi & Bajić et al., "Towards Task-Compatible Compressible Representations" (ICME CfM
-  2024), where the representation is rewarded for keeping input information.
+  head also reconstructs the input from the same latent: adapted from the task-compatible
+  representation of A. de Andrade and I. V. Bajić, "Towards Task-Compatible Compressible
+  Representations" (ICME CfM 2024; "paper 2"), where the representation is rewarded for
+  keeping input information.
 * :class:`EnhancementModel` - what the assisted target (image reconstruction or segmentation)
-  still needs on top of a frozen base, after "Conditional and Residual Methods in Scalable
-  Coding for Humans and Machines" (ICME CfM 2023):
+  still needs on top of a frozen base, adapted from A. de Andrade, A. Harell, Y. Foroutan and
+  I. V. Bajić, "Conditional and Residual Methods in Scalable Coding for Humans and Machines"
+  (ICME CfM 2023; "paper 1"), and paper 2:
 
-  - ``conditional``: the enhancement latent's entropy model is conditioned on ``y_hat_b``
-    (its Gaussian parameters come from an entropy-parameters network over the hyper-decoder's
-    output *and* features computed from ``y_hat_b``, p(y_e | z_e, y_b)), and so is its decoder;
-  - ``residual``: a predictor synthesises the input from ``y_hat_b``; the enhancement codes the
-    difference between the input and that prediction;
-  - ``standalone``: the conditional architecture with the condition zeroed - the
-    no-side-information baseline.
+  - ``conditional`` (both papers): only the enhancement latent's *entropy model* is
+    conditioned on ``y_hat_b`` - its Gaussian parameters come from an entropy-parameters
+    network over the hyper-decoder's output and features computed from ``y_hat_b`` (the
+    condition path), p(y_e | z_e, y_b); the decoder sees ``y_hat_e`` alone;
+  - ``conditional-decoder`` (taskcodec's extension, not in the papers): the same, and the
+    decoder also gets the condition features. It can imitate residual coding, so it is a
+    different, stronger model; checkpoints of the former ``conditional`` with
+    ``condition_decoder=True`` are this method;
+  - ``residual`` (paper 1): a predictor synthesises the input from ``y_hat_b``; the
+    enhancement codes the difference between the input and that prediction;
+  - ``lower`` / ``upper`` (paper 1's baselines): the enhancement architecture without the
+    base (no condition path). Both train the same model; ``lower`` (simulcast) is charged its
+    own rate plus the base rate, ``upper`` its own rate only (the base bits are free);
+  - ``standalone-refit`` (paper 2's "standalone"): the conditional architecture initialised
+    from a trained ``conditional`` run with its transforms frozen and the condition zeroed;
+    only the entropy model (condition path included) is re-fitted, which measures the bits
+    the base saves for the same representation;
+  - ``standalone`` (stored runs only): taskcodec's former no-side-information baseline, the
+    conditional architecture with the condition zeroed, trained from scratch and charged the
+    base rate - paper 1's lower baseline in another architecture. New runs use ``lower``.
 
 Every part keeps CompressAI's contract: ``forward`` returns likelihoods for training,
 ``compress`` returns entropy-coded strings, ``decompress`` inverts it exactly.
@@ -35,7 +50,18 @@ from torch import Tensor, nn
 from taskcodec.errors import ConfigError
 
 ENTROPY_MODELS = ("factorized", "hyperprior")
-METHODS = ("conditional", "residual", "standalone")
+METHODS = ("conditional", "conditional-decoder", "residual", "lower", "upper",
+           "standalone-refit")
+LEGACY_METHODS = ("standalone",)  # still loads and evaluates; new runs are refused
+# Which paper defines each method (MLflow tag ``defined_by``), and which baseline it is.
+DEFINED_BY = {"conditional": "paper1+paper2", "conditional-decoder": "taskcodec",
+              "residual": "paper1", "lower": "paper1", "upper": "paper1",
+              "standalone-refit": "paper2", "standalone": "taskcodec"}
+BASELINE_OF = {"lower": "paper1-lower", "upper": "paper1-upper",
+               "standalone-refit": "paper2-standalone", "standalone": "paper1-lower"}
+CONDITIONED = ("conditional", "conditional-decoder", "standalone-refit", "standalone")
+# The condition path of checkpoints written before it was configurable.
+LEGACY_CONDITION = {"cond_layers": 2, "cond_kernel": 3}
 TARGETS = ("reconstruction", "segmentation")
 BASE_TASKS = ("detection", "segmentation", "depth", "classification", "reconstruction")
 
@@ -78,11 +104,15 @@ class HyperpriorCoder(nn.Module):
     With ``cond_channels > 0`` the Gaussian parameters of y come from an entropy-parameters
     network over [h_s(z_hat), cond] (three 1x1 convolutions), which models p(y | z, cond) with
     more capacity than adding the condition to the hyper-decoder's input.
+
+    ``ste = True`` quantises y in training by rounding with a straight-through gradient (as
+    paper 2) instead of CompressAI's additive uniform noise; evaluation is the same either way.
     """
 
     def __init__(self, M: int, N: int, cond_channels: int = 0) -> None:
         super().__init__()
         self.cond_channels = cond_channels
+        self.ste = False
         self.h_a = nn.Sequential(conv(M, N, stride=1, kernel_size=3), nn.LeakyReLU(inplace=True),
                                  conv(N, N), nn.LeakyReLU(inplace=True), conv(N, N))
         self.h_s = nn.Sequential(deconv(N, M), nn.LeakyReLU(inplace=True),
@@ -109,7 +139,16 @@ class HyperpriorCoder(nn.Module):
         z = self.h_a(y)
         z_hat, z_likelihoods = self.entropy_bottleneck(z)
         scales, means = self._params(z_hat, cond)
-        y_hat, y_likelihoods = self.gaussian_conditional(y, scales, means=means)
+        if self.ste and self.training:
+            from compressai.ops import quantize_ste
+
+            gaussian = self.gaussian_conditional
+            y_hat = quantize_ste(y - means) + means
+            y_likelihoods = gaussian._likelihood(y_hat, scales, means)
+            if gaussian.use_likelihood_bound:
+                y_likelihoods = gaussian.likelihood_lower_bound(y_likelihoods)
+        else:
+            y_hat, y_likelihoods = self.gaussian_conditional(y, scales, means=means)
         return y_hat, {"y": y_likelihoods, "z": z_likelihoods}
 
     def compress(self, y: Tensor, cond: Tensor | None = None) -> tuple[list, tuple, Tensor]:
@@ -138,6 +177,61 @@ def build_coder(kind: str, M: int, N: int, cond_channels: int = 0) -> nn.Module:
     if kind == "hyperprior":
         return HyperpriorCoder(M, N, cond_channels)
     raise ConfigError(f"entropy_model={kind!r} is not one of: {', '.join(ENTROPY_MODELS)}")
+
+
+def condition_path(in_channels: int, channels: int, layers: int, kernel: int) -> nn.Sequential:
+    """Features of the base latent for the entropy model: ``layers`` convolutions (LeakyReLU
+    between them), all ``channels`` wide, at the latent's resolution."""
+    modules: list[nn.Module] = []
+    for i in range(layers):
+        modules.append(nn.Conv2d(in_channels if i == 0 else channels, channels, kernel,
+                                 padding=kernel // 2))
+        if i < layers - 1:
+            modules.append(nn.LeakyReLU(inplace=True))
+    return nn.Sequential(*modules)
+
+
+def charged_rate(method: str, bpp_base: Any, bpp_enh: Any) -> Any:
+    """The rate a method is charged for: base + enhancement, except paper 1's upper baseline,
+    whose base bits are free (the lower baseline, simulcast, pays both)."""
+    return bpp_enh if method == "upper" else bpp_base + bpp_enh
+
+
+def method_of(args: dict[str, Any]) -> str:
+    """The method a checkpoint's ``model_args`` describe. Before ``conditional-decoder`` had its
+    own name, ``conditional`` with ``condition_decoder=True`` (then the default) was it."""
+    method = str(args["method"])
+    if method == "conditional" and args.get("condition_decoder"):
+        return "conditional-decoder"
+    return method
+
+
+def method_tags(method: str) -> dict[str, str]:
+    """MLflow tags of a method: which paper defines it, which baseline it is, and whether its
+    decoder sees the base - so compare can keep runs of different definitions apart."""
+    tags = {"defined_by": DEFINED_BY.get(method, ""),
+            "condition_decoder": str(method == "conditional-decoder").lower()}
+    if method in BASELINE_OF:
+        tags["baseline_of"] = BASELINE_OF[method]
+    return tags
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters in total and per part (a scalable model: per part of its base and of its
+    enhancement), named as MLflow params: ``params_total``, ``params_enh_condition``, ..."""
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    names = {"coder": "entropy_model", "cond": "condition"}
+    out = {"params_total": count(model)}
+    parts = ({"base": model.base, "enh": model.enhancement}
+             if isinstance(model, ScalableModel) else {"": model})
+    for prefix, part in parts.items():
+        if prefix:
+            out[f"params_{prefix}"] = count(part)
+        for name, child in part.named_children():
+            out["_".join(filter(None, ("params", prefix, names.get(name, name))))] = count(child)
+    return out
 
 
 def _strings_of(strings: list, item: int = 0) -> list:
@@ -240,13 +334,22 @@ class BaseModel(CompressionModel):
 
 
 class EnhancementModel(CompressionModel):
-    """The enhancement layer for an assisted target, on top of a frozen base latent."""
+    """The enhancement layer for an assisted target, on top of a frozen base latent (the
+    methods are described in the module docstring).
+
+    ``cond_channels`` (0: N), ``cond_layers`` and ``cond_kernel`` size the condition path;
+    by default it has about the residual predictor's parameters (three 5x5 layers N wide vs
+    four 5x5 transposed convolutions N wide), so methods compete at comparable capacity.
+    """
 
     def __init__(self, *, N: int, M: int, M_base: int, method: str,
                  target: str = "reconstruction", num_classes: int = 1,
-                 condition_decoder: bool = True) -> None:
+                 condition_decoder: bool = False, cond_channels: int = 0, cond_layers: int = 3,
+                 cond_kernel: int = 5) -> None:
         super().__init__()
-        if method not in METHODS:
+        if method == "conditional" and condition_decoder:
+            method = "conditional-decoder"  # the former spelling
+        if method not in METHODS + LEGACY_METHODS:
             raise ConfigError(f"method={method!r} is not one of: {', '.join(METHODS)}")
         if target not in TARGETS:
             raise ConfigError(f"target={target!r} is not one of: {', '.join(TARGETS)}")
@@ -254,22 +357,39 @@ class EnhancementModel(CompressionModel):
             raise ConfigError("method=residual codes an image residual: it needs "
                               "target=reconstruction (use conditional for segmentation)")
         self.method, self.target, self.N, self.M = method, target, N, M
-        self.condition_decoder = condition_decoder and method != "residual"
+        self.condition_decoder = (method == "conditional-decoder"
+                                  or (method == "standalone" and condition_decoder))
         self.g_a = analysis(N, M)
         out_channels = 3 if target == "reconstruction" else num_classes
         if method == "residual":
             self.predictor = synthesis(M_base, N)   # x_pred from y_hat_b
             self.coder = build_coder("hyperprior", M, N)
             self.g_s = synthesis(M, N)
-        else:
+        elif method in CONDITIONED:
             # Features of the base latent, at the enhancement latent's resolution.
-            self.cond = nn.Sequential(nn.Conv2d(M_base, M, 3, padding=1), nn.LeakyReLU(inplace=True),
-                                      nn.Conv2d(M, M, 3, padding=1))
-            self.coder = build_coder("hyperprior", M, N, cond_channels=M)
-            self.g_s = synthesis(M * 2 if self.condition_decoder else M, N, out_channels)
+            width = cond_channels or N
+            self.cond = condition_path(M_base, width, cond_layers, cond_kernel)
+            self.coder = build_coder("hyperprior", M, N, cond_channels=width)
+            self.g_s = synthesis(M + width if self.condition_decoder else M, N, out_channels)
+        else:  # lower, upper: the same architecture without the base
+            self.coder = build_coder("hyperprior", M, N)
+            self.g_s = synthesis(M, N, out_channels)
+        if method == "standalone-refit":
+            # Paper 2's standalone: the representation is the source run's; only the entropy
+            # model (the condition path is part of it) learns.
+            for p in (*self.g_a.parameters(), *self.g_s.parameters()):
+                p.requires_grad_(False)
+
+    def entropy_model_parameter_names(self) -> list[str]:
+        """Names of the entropy model's parameters (condition path included)."""
+        return [n for n, _ in self.named_parameters() if n.startswith(("coder.", "cond."))]
+
+    def decode(self, y_hat_e: Tensor, y_hat_b: Tensor) -> Tensor:
+        """The target (unclamped) from a decoded enhancement latent and the base latent."""
+        return self._decode(y_hat_e, y_hat_b, self._condition_or_none(y_hat_b))
 
     def condition(self, y_hat_b: Tensor) -> Tensor:
-        if self.method == "standalone":
+        if self.method in ("standalone", "standalone-refit"):
             y_hat_b = torch.zeros_like(y_hat_b)  # no side information
         return self.cond(y_hat_b)
 
@@ -283,7 +403,10 @@ class EnhancementModel(CompressionModel):
     def _analyse(self, x: Tensor, y_hat_b: Tensor) -> tuple[Tensor, Tensor | None]:
         if self.method == "residual":
             return self.g_a(x - self.predictor(y_hat_b)), None
-        return self.g_a(x), self.condition(y_hat_b)
+        return self.g_a(x), self._condition_or_none(y_hat_b)
+
+    def _condition_or_none(self, y_hat_b: Tensor) -> Tensor | None:
+        return self.condition(y_hat_b) if self.method in CONDITIONED else None
 
     def forward(self, x: Tensor, y_hat_b: Tensor) -> dict[str, Any]:
         y, cond = self._analyse(x, y_hat_b)
@@ -298,7 +421,7 @@ class EnhancementModel(CompressionModel):
         return {"strings": strings, "shape": shape}
 
     def decompress(self, strings: list, shape: tuple, y_hat_b: Tensor) -> dict[str, Tensor]:
-        cond = None if self.method == "residual" else self.condition(y_hat_b)
+        cond = self._condition_or_none(y_hat_b)
         y_hat = self.coder.decompress(strings, shape, cond)
         out = self._decode(y_hat, y_hat_b, cond)
         if self.target == "reconstruction":
