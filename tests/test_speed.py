@@ -1,0 +1,132 @@
+"""Speed switches (compile, channels_last, autocast), the short-cpu recipe preset, the
+warm-up schedule and the real-bitstream RD point logged while training.
+
+Everything runs in this process on tiny codecs (N=M=8). torch.compile is exercised with the
+``aot_eager`` backend (the graph capture and autograd tracing that can change results; the
+inductor backend's C++ build takes minutes on 2 cores and is measured by ``make bench``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from taskcodec.config import SHORT_CPU, TrainConfig
+
+
+def tiny_codec(codec: str = "bmshj2018-factorized"):
+    from taskcodec.codecs import build_codec
+
+    torch.manual_seed(0)
+    return build_codec(codec, N=8, M=8)
+
+
+def test_compiled_and_eager_models_give_the_same_outputs_and_gradients():
+    from taskcodec.losses import RateDistortionLoss
+
+    model = tiny_codec().train()
+    x = torch.rand(2, 3, 32, 32)
+    criterion = RateDistortionLoss(lmbda=0.01)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(1)  # the same quantization noise on both sides
+        net = torch.compile(model, backend="aot_eager") if compiled else model
+        model.zero_grad(set_to_none=True)
+        out = net(x)
+        losses = criterion(out, x)
+        losses["loss"].backward()
+        grad = model.g_a[0].weight.grad.clone()
+        results.append((out["x_hat"].detach(), losses["bpp_loss"].detach(), grad))
+    (eager_x, eager_bpp, eager_grad), (comp_x, comp_bpp, comp_grad) = results
+    torch.testing.assert_close(comp_x, eager_x, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(comp_bpp, eager_bpp, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(comp_grad, eager_grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("codec", ["bmshj2018-factorized", "mbt2018-mean"])
+def test_bf16_autocast_keeps_the_rate_of_fp32(codec):
+    from taskcodec import speed
+    from taskcodec.metrics import bpp_from_likelihoods
+
+    model = tiny_codec(codec).eval()
+    x = torch.rand(1, 3, 64, 64)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        reference = float(bpp_from_likelihoods(model(x)["likelihoods"], 64 * 64))
+        speed.keep_entropy_models_fp32(model)
+        with speed.autocast("bf16", cpu):
+            out = model(x)
+            assert out["x_hat"].dtype == torch.bfloat16  # the transforms did run in bf16
+            bpp = float(bpp_from_likelihoods(out["likelihoods"], 64 * 64))
+    assert all(v.dtype == torch.float32 for v in out["likelihoods"].values())
+    assert bpp == pytest.approx(reference, rel=0.02)
+
+
+def test_channels_last_batches_and_precision_choices():
+    from taskcodec import speed
+
+    batch = speed.channels_last((torch.rand(2, 3, 8, 8), torch.rand(2, 5), "name"))
+    assert batch[0].is_contiguous(memory_format=torch.channels_last)
+    assert batch[1].shape == (2, 5) and batch[2] == "name"
+    cpu = torch.device("cpu")
+    assert speed.resolve_precision("auto", cpu) == "fp32"
+    with pytest.raises(ValueError, match="precision=fp16 needs a CUDA device"):
+        speed.resolve_precision("fp16", cpu)
+    assert not speed.use_compile("auto", cpu, planned_steps=100, planned_minutes=10)
+    assert speed.use_compile("auto", torch.device("cuda"), 1, 0)
+    assert not speed.use_compile("false", torch.device("cuda"), 10**6, 600)
+
+
+def test_recipe_preset_sits_beneath_explicit_settings():
+    preset = TrainConfig.from_dict({"recipe": "short-cpu"})
+    assert {k: getattr(preset, k) for k in SHORT_CPU} == SHORT_CPU
+    explicit = TrainConfig.from_dict({"recipe": "short-cpu", "lr": "1e-4", "patch_size": 256})
+    assert (explicit.lr, explicit.patch_size, explicit.batch_size) == (1e-4, 256, 8)
+    # A stored config (a checkpoint's, a resumed run's) comes back exactly as it was.
+    assert TrainConfig.from_dict(explicit.to_dict()) == explicit
+    assert explicit.to_params()["recipe"] == "short-cpu"
+    assert TrainConfig.from_dict({}).lr == 1e-4  # no preset: the CompressAI defaults
+    with pytest.raises(Exception, match="recipe='fast' is not one of"):
+        TrainConfig.from_dict({"recipe": "fast"})
+
+
+def test_warmup_cosine_rises_then_decays_to_a_tenth():
+    from taskcodec.engine import _warmup_cosine
+
+    config = TrainConfig.from_dict({"lr_scheduler": "warmup-cosine", "warmup_steps": 4})
+    assert [_warmup_cosine(config, s, 0.0) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert _warmup_cosine(config, 10, 0.5) == pytest.approx(0.55)
+    assert _warmup_cosine(config, 10, 1.0) == pytest.approx(0.1)
+    assert _warmup_cosine(config, 10, 3.0) == pytest.approx(0.1)  # past the budget: the floor
+
+
+def test_rd_while_training_equals_evaluate_of_the_same_checkpoint(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from taskcodec.config import EvalConfig
+    from taskcodec.engine import train
+    from taskcodec.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TASKCODEC_COMPILE_BACKEND", "aot_eager")
+    ckpt = tmp_path / "ckpt"
+    # compile=true and the warm-up schedule ride along: the RD point is of the compiled run.
+    run_id = train(TrainConfig.from_dict({
+        "recipe": "short-cpu", "N": 8, "M": 8, "patch_size": 32, "batch_size": 2,
+        "epoch_length": 4, "epochs": 1, "warmup_steps": 1, "max_val_images": 1, "max_side": 128,
+        "rd_images": 2, "compile": "true", "checkpoint_dir": str(ckpt)}))
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    metrics = client.get_run(run_id).data.metrics
+    assert client.get_metric_history(run_id, "test_bpp")[0].step == 2
+    assert metrics["compile_seconds"] > 0
+    result = evaluate(EvalConfig(checkpoint=str(ckpt / "last.pt"), which="last", max_images=2,
+                                 max_side=128, jpeg=False))
+    summary = result["summary"]
+    assert metrics["test_bpp"] == pytest.approx(summary["bpp"], rel=1e-9)
+    assert metrics["test_psnr"] == pytest.approx(summary["psnr"], rel=1e-6)
+    assert metrics["test_bpp_gap"] == pytest.approx(summary["bpp"] - summary["bpp_estimated"],
+                                                    abs=1e-6)
+    assert math.isfinite(metrics["test_rd_seconds"])
