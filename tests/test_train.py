@@ -548,7 +548,7 @@ def test_resume_refuses_a_setting_the_run_cannot_change(tmp_path, monkeypatch):
         f"lmbda=0.5 conflicts with run {run_id}, which was trained with lmbda=0.013: a resumed run "
         "keeps its settings (only epochs, max_steps, num_workers, device, log_every, checkpoint_every, "
         "early_stop_patience, checkpoint_dir, max_minutes, compile, channels_last, precision, "
-        f"tf32, rd_every, rd_images may change); to train with lmbda=0.5, start a new run "
+        f"tf32, rd_every, rd_images, cache_mb may change); to train with lmbda=0.5, start a new run "
         f"with --init-from {run_id}")
     assert steps(run_id, "loss") == [1, 2]  # nothing trained
     assert client().get_run(run_id).info.status == "FINISHED"  # and the run was not reopened

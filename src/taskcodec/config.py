@@ -235,6 +235,9 @@ class TrainConfig(LoopConfig):
     max_side: int = opt(512, "downscale embedded images so the longer side is at most this",
                         min=64, max=8192)
     skip_bad: bool = opt(False, "skip unreadable or too-small images with a warning")
+    cache_mb: int = opt(2048, "keep up to this many MB of decoded training images in memory: "
+                        "crops of later epochs are cut without decoding again (0: off)",
+                        min=0, max=1_000_000)
     rd_every: int = opt(0, "every this many epochs, code rd_images validation images with real "
                         "bitstreams and log test_bpp, test_psnr, test_bpp_gap (0: off)", min=0)
     rd_images: int = opt(2, "images of the real-bitstream RD check (the first of the "

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT = 75
 _RESUMABLE = ("epochs", "max_steps", "num_workers", "device", "log_every", "checkpoint_every",
               "early_stop_patience", "checkpoint_dir", "max_minutes", "compile", "channels_last",
-              "precision", "tf32", "rd_every", "rd_images")
+              "precision", "tf32", "rd_every", "rd_images", "cache_mb")
 # Settings that name the run rather than shape it: never a conflict on resume.
 _IDENTITY = ("resume", "run_name")
 
