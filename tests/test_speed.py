@@ -91,6 +91,17 @@ def test_recipe_preset_sits_beneath_explicit_settings():
         TrainConfig.from_dict({"recipe": "fast"})
 
 
+def test_recipe_through_the_cli_survives_mlprojects_default_parameters():
+    from taskcodec.cli.options import build_config
+
+    # `mlflow run -e train -P recipe=short-cpu` passes MLProject's defaults too (as floats).
+    config = build_config(TrainConfig, {"recipe": "short-cpu", "lr": "0.0001",
+                                        "batch_size": "8.0", "patch_size": "256.0",
+                                        "lmbda": "0.05", "N": None})
+    assert (config.lr, config.patch_size, config.lmbda, config.N) == (5e-4, 128, 0.05, 128)
+    assert build_config(TrainConfig, {"recipe": "short-cpu", "lr": "2e-4"}).lr == 2e-4
+
+
 def test_warmup_cosine_rises_then_decays_to_a_tenth():
     from taskcodec.engine import _warmup_cosine
 

@@ -213,7 +213,8 @@ class LoopConfig(Config):
 #: warm-up and a cosine decay to the end of the budget, and smaller crops (4x the steps per
 #: second), reach a given quality sooner; the real-bitstream RD check shows it while it trains.
 SHORT_CPU: dict[str, Any] = {"lr": 5e-4, "lr_scheduler": "warmup-cosine", "warmup_steps": 100,
-                             "patch_size": 128, "batch_size": 8, "rd_every": 1}
+                             "patch_size": 128, "batch_size": 8, "epoch_length": 2000,
+                             "rd_every": 1}
 
 
 @dataclass
@@ -244,7 +245,8 @@ class TrainConfig(LoopConfig):
                          "validation set)", min=1, max=1000)
     recipe: str = opt("", "named preset of settings beneath the explicit ones: short-cpu "
                       "(a good codec in minutes on a CPU: lr 5e-4 with warm-up and cosine "
-                      "decay, 128-px crops, batch 8, rd_every 1)", choices=("", "short-cpu"))
+                      "decay, 128-px crops, batch 8, epochs of 2000 crops, rd_every 1)",
+                      choices=("", "short-cpu"))
 
     def check(self) -> None:
         super().check()
