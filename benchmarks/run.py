@@ -94,6 +94,13 @@ def profile_overhead(ctx: dict, N: int, M: int) -> list[str]:
     return lines
 
 
+def _have_kodak(coding, which: str) -> bool:
+    if coding.KODAK.is_dir() and coding.kodak_images(coding.KODAK, 0):
+        return True
+    print(f"Kodak not found at {coding.KODAK}: {which} skipped")
+    return False
+
+
 def _command(args: list[str]) -> str:
     return "make bench" + (f" BENCH_ARGS='{' '.join(args)}'" if args else "")
 
@@ -153,12 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                 produced.append(training.bench_variants(
                     ctx, N=64, M=96, batch_size=8, warmup=WARMUP, measured=20, reps=args.reps,
                     compile_model=not args.no_compile))
-            if "coding" in chosen:
-                if not coding.KODAK.is_dir() or not coding.kodak_images(coding.KODAK, 0):
-                    print(f"Kodak not found at {coding.KODAK}: benchmarks 2 and 3 skipped")
-                else:
-                    ckpt = make_checkpoint(ctx, steps=args.ckpt_steps)
-                    produced += list(coding.bench_coding(ctx, ckpt, limit=args.kodak_images))
+            if "coding" in chosen and _have_kodak(coding, "benchmarks 2 and 3"):
+                ckpt = make_checkpoint(ctx, steps=args.ckpt_steps)
+                produced += list(coding.bench_coding(ctx, ckpt, limit=args.kodak_images))
             if "launch" in chosen:
                 produced.append(launch.bench_launch(ctx, runs=5))
             if "scaling" in chosen:
@@ -169,14 +173,11 @@ def main(argv: list[str] | None = None) -> int:
                 produced.append(speed.bench_switches(
                     ctx, N=64, M=96, batch_size=8, warmup=WARMUP, measured=20, reps=args.reps,
                     compile_model=not args.no_compile))
-            if "ttq" in chosen:
-                if not coding.KODAK.is_dir() or not coding.kodak_images(coding.KODAK, 0):
-                    print(f"Kodak not found at {coding.KODAK}: benchmark 8 skipped")
-                else:
-                    lambdas = tuple(float(v) for v in args.ttq_lambdas.split(","))
-                    produced.append(speed.bench_time_to_quality(
-                        ctx, minutes=args.ttq_minutes, lambdas=lambdas,
-                        kodak_limit=args.kodak_images))
+            if "ttq" in chosen and _have_kodak(coding, "benchmark 8"):
+                lambdas = tuple(float(v) for v in args.ttq_lambdas.split(","))
+                produced.append(speed.bench_time_to_quality(
+                    ctx, minutes=args.ttq_minutes, lambdas=lambdas,
+                    kodak_limit=args.kodak_images))
         finally:
             os.chdir(cwd)
     elapsed = time.perf_counter() - started

@@ -85,12 +85,12 @@ def bench_switches(ctx: dict, *, N: int, M: int, batch_size: int, warmup: int, m
         "fp32; TF32 and fp16 act on CUDA devices only and are not measured here.",
         "the data path is the same on every side: crops cut from decoded images kept in "
         "memory (num_workers=0)."]
-    return harness.result(
-        "train_switches", "7. Speed switches: taskcodec with each switch vs the plain loop",
-        command=ctx["command"], machine_info=ctx["machine"],
-        settings={"N": N, "M": M, "batch_size": batch_size, "warmup_steps": warmup,
-                  "measured_steps": measured, "repetitions": reps, "seed": seed},
-        rows=rows, summary={r["side"]: r["vs plain median"] for r in rows}, notes=notes)
+    settings = {"N": N, "M": M, "batch_size": batch_size, "warmup_steps": warmup,
+                "measured_steps": measured, "repetitions": reps, "seed": seed}
+    title = "7. Speed switches: taskcodec with each switch vs the plain loop"
+    return harness.result("train_switches", title, command=ctx["command"],
+                          machine_info=ctx["machine"], settings=settings, rows=rows,
+                          summary={r["side"]: r["vs plain median"] for r in rows}, notes=notes)
 
 
 def kodak(limit: int = 0) -> list:

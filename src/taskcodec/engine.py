@@ -323,6 +323,7 @@ class Trainer:
                                               config.max_minutes - state.seconds / 60)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        self.trace_logged = not self.compiled
         if self.compiled:
             self.ddp_model = speed.compile_module(self.ddp_model)
         log.info("speed switches: compile=%s, channels_last=%s, precision=%s, tf32=%s",
@@ -403,7 +404,7 @@ class Trainer:
                 scaler.update()
             else:
                 optimizer.step()
-            if self.compiled and not getattr(self, "trace_logged", False):
+            if not self.trace_logged:
                 self.trace_logged = True  # the first compiled step includes the trace
                 trace = time.perf_counter() - step_start
                 log.info("torch.compile: first step (trace included) took %.1f s", trace)
