@@ -110,3 +110,15 @@ def test_warmup_cosine_rises_then_decays_to_a_tenth():
     assert _warmup_cosine(config, 10, 0.5) == pytest.approx(0.55)
     assert _warmup_cosine(config, 10, 1.0) == pytest.approx(0.1)
     assert _warmup_cosine(config, 10, 3.0) == pytest.approx(0.1)  # past the budget: the floor
+
+
+def test_switch_benchmark_sides_are_valid_train_settings():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import speed as bench
+
+    for switches in bench.SWITCHES.values():
+        config = TrainConfig.from_dict({**bench.OFF, **switches})
+        assert {k: getattr(config, k) for k in switches} == switches
