@@ -42,6 +42,12 @@ measured steps, 1 torch thread (see 1b), 3 repetitions, all 24 Kodak images, a c
 trained for 1500 steps): the ratios are meaningful, the absolute images/s are those of a toy
 model on a small CPU. Run it on an otherwise idle machine: the load average at the start is in
 the machine line, and figures taken under load are not comparable.
+
+Benchmark 8 (time to quality) trains for a wall-clock budget per λ and side: `make bench`
+uses 1 min; the figure of issue 16 is taken with
+`make bench BENCH_ARGS='--only ttq --ttq-minutes 10'` (about 90 min for 4 λ x 2 sides, plus
+Kodak coding). Benchmark 7 compiles with inductor for minutes per repetition on 2 cores
+(`--no-compile` leaves it out).
 """
 
 
