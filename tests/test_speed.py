@@ -76,6 +76,9 @@ def test_channels_last_batches_and_precision_choices():
     assert not speed.use_compile("auto", cpu, planned_steps=100, planned_minutes=10)
     assert speed.use_compile("auto", torch.device("cuda"), 1, 0)
     assert not speed.use_compile("false", torch.device("cuda"), 10**6, 600)
+    before = torch.backends.cuda.matmul.allow_tf32
+    speed.set_tf32(not before, cpu)  # TF32 is a GPU setting: nothing changes on a CPU
+    assert torch.backends.cuda.matmul.allow_tf32 == before
 
 
 def test_recipe_preset_sits_beneath_explicit_settings():
