@@ -125,3 +125,12 @@ def test_switch_benchmark_sides_are_valid_train_settings():
     for switches in bench.SWITCHES.values():
         config = TrainConfig.from_dict({**bench.OFF, **switches})
         assert {k: getattr(config, k) for k in switches} == switches
+
+
+def test_max_minutes_ends_the_budget_inside_an_epoch():
+    from taskcodec.engine import TrainState, _budget_used
+
+    config = TrainConfig.from_dict({"max_minutes": 1.5})
+    assert _budget_used(config, TrainState(seconds=89.0), steps_only=True) == ""
+    assert _budget_used(config, TrainState(seconds=90.0), steps_only=True) == (
+        "1.5 minutes of max_minutes=1.5")
