@@ -40,9 +40,10 @@ def rd_loss(out: dict, x: torch.Tensor, lmbda: float) -> dict[str, torch.Tensor]
 def train_plain(codec: str, N: int, M: int, dataset, *, batch_size: int, steps: int, seed: int,
                 lr: float = 1e-4, aux_lr: float = 1e-3, lmbda: float = 0.013,
                 clip: float = 1.0, channels_last: bool = False,
-                compile: bool = False) -> PlainResult:
+                compile: bool = False, max_seconds: float = 0.0) -> PlainResult:
     """``compile``: run the forward through ``torch.compile`` (inductor); the first step then
-    includes the compilation (see :func:`images_per_second`'s warm-up)."""
+    includes the compilation (see :func:`images_per_second`'s warm-up). ``max_seconds``: stop
+    at the first step that would start after this much wall clock (0: no limit)."""
     random.seed(seed)
     torch.manual_seed(seed)
     model = MODELS[codec](N=N, M=M)
@@ -58,8 +59,9 @@ def train_plain(codec: str, N: int, M: int, dataset, *, batch_size: int, steps: 
     result = PlainResult(model=model)
     model.train()
     forward = torch.compile(model) if compile else model
+    start = time.perf_counter()
     for i, x in enumerate(loader):
-        if i >= steps:
+        if i >= steps or (max_seconds and time.perf_counter() - start >= max_seconds):
             break
         result.step_times.append(time.perf_counter())
         if channels_last:

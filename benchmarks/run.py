@@ -23,8 +23,9 @@ from benchmarks import harness
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = ("train_throughput", "train_variants", "same_math", "eval_vs_compressai",
-         "rate_actual_vs_estimated", "launch_latency", "scaling")
-NAMES = ("train", "variants", "coding", "launch", "scaling")
+         "rate_actual_vs_estimated", "launch_latency", "scaling", "train_switches",
+         "time_to_quality")
+NAMES = ("train", "variants", "coding", "launch", "scaling", "switches", "ttq")
 #: Steps left out before timing: the first steps allocate, and taskcodec's first ones overlap the
 #: logging of the run's params and tags.
 WARMUP = 8
@@ -41,6 +42,12 @@ measured steps, 1 torch thread (see 1b), 3 repetitions, all 24 Kodak images, a c
 trained for 1500 steps): the ratios are meaningful, the absolute images/s are those of a toy
 model on a small CPU. Run it on an otherwise idle machine: the load average at the start is in
 the machine line, and figures taken under load are not comparable.
+
+Benchmark 8 (time to quality) trains for a wall-clock budget per λ and side: `make bench`
+uses 1 min; the figure of issue 16 is taken with
+`make bench BENCH_ARGS='--only ttq --ttq-minutes 10'` (about 90 min for 4 λ x 2 sides, plus
+Kodak coding). Benchmark 7 compiles with inductor for minutes per repetition on 2 cores
+(`--no-compile` leaves it out).
 """
 
 
@@ -93,6 +100,13 @@ def profile_overhead(ctx: dict, N: int, M: int) -> list[str]:
     return lines
 
 
+def _have_kodak(coding, which: str) -> bool:
+    if coding.KODAK.is_dir() and coding.kodak_images(coding.KODAK, 0):
+        return True
+    print(f"Kodak not found at {coding.KODAK}: {which} skipped")
+    return False
+
+
 def _command(args: list[str]) -> str:
     return "make bench" + (f" BENCH_ARGS='{' '.join(args)}'" if args else "")
 
@@ -108,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true",
                         help="leave torch.compile out of benchmark 1b (it compiles for minutes "
                         "on a slow CPU)")
+    parser.add_argument("--ttq-minutes", type=float, default=1.0,
+                        help="benchmark 8: training minutes per lambda and side (the issue's "
+                        "figure is taken at 10; the default keeps make bench near 20 min)")
+    parser.add_argument("--ttq-lambdas", default="0.0035,0.0067,0.013,0.025",
+                        help="benchmark 8: comma-separated lambdas (the same for both sides)")
     parser.add_argument("--ckpt-steps", type=int, default=1500,
                         help="training steps of the checkpoint benchmarks 2 and 3 code with")
     args = parser.parse_args(argv)
@@ -119,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks import coding, launch, training
+    from benchmarks import coding, launch, speed, training
 
     # 2 threads on 2 cores shared with other work are several times slower and far noisier
     # than 1 (benchmark 1b measures it): one thread keeps the comparisons readable.
@@ -147,18 +166,24 @@ def main(argv: list[str] | None = None) -> int:
                 produced.append(training.bench_variants(
                     ctx, N=64, M=96, batch_size=8, warmup=WARMUP, measured=20, reps=args.reps,
                     compile_model=not args.no_compile))
-            if "coding" in chosen:
-                if not coding.KODAK.is_dir() or not coding.kodak_images(coding.KODAK, 0):
-                    print(f"Kodak not found at {coding.KODAK}: benchmarks 2 and 3 skipped")
-                else:
-                    ckpt = make_checkpoint(ctx, steps=args.ckpt_steps)
-                    produced += list(coding.bench_coding(ctx, ckpt, limit=args.kodak_images))
+            if "coding" in chosen and _have_kodak(coding, "benchmarks 2 and 3"):
+                ckpt = make_checkpoint(ctx, steps=args.ckpt_steps)
+                produced += list(coding.bench_coding(ctx, ckpt, limit=args.kodak_images))
             if "launch" in chosen:
                 produced.append(launch.bench_launch(ctx, runs=5))
             if "scaling" in chosen:
                 produced.append(training.bench_scaling(
                     ctx, N=64, M=96, batches=(8, 16, 32), warmup=2, measured=10,
                     reps=max(1, args.reps - 1), ddp_batch=16))
+            if "switches" in chosen:
+                produced.append(speed.bench_switches(
+                    ctx, N=64, M=96, batch_size=8, warmup=WARMUP, measured=20, reps=args.reps,
+                    compile_model=not args.no_compile))
+            if "ttq" in chosen and _have_kodak(coding, "benchmark 8"):
+                lambdas = tuple(float(v) for v in args.ttq_lambdas.split(","))
+                produced.append(speed.bench_time_to_quality(
+                    ctx, minutes=args.ttq_minutes, lambdas=lambdas,
+                    kodak_limit=args.kodak_images))
         finally:
             os.chdir(cwd)
     elapsed = time.perf_counter() - started

@@ -73,7 +73,9 @@ def train_config(codec: str, *, N: int, M: int, batch_size: int, steps: int, see
     return TrainConfig(codec=codec, N=N, M=M, data="embedded", patch_size=patch_size,
                        batch_size=batch_size, epochs=1, epoch_length=batch_size * (steps + 8),
                        max_steps=steps, lr_scheduler="none", seed=seed, device="cpu",
-                       max_side=MAX_SIDE, checkpoint_dir=str(checkpoint_dir))
+                       max_side=MAX_SIDE, checkpoint_dir=str(checkpoint_dir),
+                       # like for like with the plain loop (benchmark 7 measures the switches)
+                       compile="false", channels_last=False, precision="fp32")
 
 
 def run_taskcodec(config, uri: str, *, marks=(), server_pgid: int | None = None) -> dict:

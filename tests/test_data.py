@@ -359,3 +359,17 @@ def test_pad_to_multiple_round_trip():
     assert none == (0, 0, 0, 0) and same.shape == (1, 3, 64, 128)
     with pytest.raises(ValueError, match="multiple"):
         pad_to_multiple(x, 0)
+
+
+def test_cached_folder_cuts_later_crops_without_decoding_again(tmp_path):
+    folder = flat_folder(tmp_path / "imgs", 3)
+    cached = ImageFolder(folder, "train", patch_size=32, cache_mb=1, epoch_length=6)
+    uncached = ImageFolder(folder, "train", patch_size=32, epoch_length=6)
+    first = [cached[i] for i in range(6)]
+    assert all(torch.equal(a, uncached[i]) for i, a in enumerate(first))
+    for path in folder.rglob("*.png"):
+        path.write_bytes(b"gone")  # every file is unreadable from now on
+    cached.set_epoch(1)
+    assert [c.shape for c in (cached[i] for i in range(6))] == [(3, 32, 32)] * 6
+    with pytest.raises(DataError, match="cannot read image"):
+        uncached[0]

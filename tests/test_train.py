@@ -547,7 +547,30 @@ def test_resume_refuses_a_setting_the_run_cannot_change(tmp_path, monkeypatch):
     assert str(err.value) == (
         f"lmbda=0.5 conflicts with run {run_id}, which was trained with lmbda=0.013: a resumed run "
         "keeps its settings (only epochs, max_steps, num_workers, device, log_every, checkpoint_every, "
-        f"early_stop_patience, checkpoint_dir may change); to train with lmbda=0.5, start a new run "
+        "early_stop_patience, checkpoint_dir, max_minutes, compile, channels_last, precision, "
+        f"tf32, rd_every, rd_images, cache_mb may change); to train with lmbda=0.5, start a new run "
         f"with --init-from {run_id}")
     assert steps(run_id, "loss") == [1, 2]  # nothing trained
     assert client().get_run(run_id).info.status == "FINISHED"  # and the run was not reopened
+
+
+def test_rd_while_training_equals_evaluate_of_the_same_checkpoint(tmp_path, monkeypatch):
+    from taskcodec.config import EvalConfig
+    from taskcodec.evaluate import evaluate
+
+    ckpt = tmp_path / "ckpt"
+    # The short-cpu recipe (warm-up schedule, rd_every=1) on a tiny codec.
+    run_id = train_in_process(tmp_path, monkeypatch, recipe="short-cpu", patch_size=32,
+                              batch_size=2, epoch_length=4, epochs=1, warmup_steps=1,
+                              rd_images=2, checkpoint_dir=str(ckpt))
+    assert steps(run_id, "test_bpp") == [2]
+    metrics = client().get_run(run_id).data.metrics
+    result = evaluate(EvalConfig(checkpoint=str(ckpt / "last.pt"), which="last", max_images=2,
+                                 max_side=128, jpeg=False))
+    summary = result["summary"]
+    assert metrics["test_bpp"] == pytest.approx(summary["bpp"], rel=1e-9)
+    assert metrics["test_psnr"] == pytest.approx(summary["psnr"], rel=1e-6)
+    assert metrics["test_bpp_gap"] == pytest.approx(summary["bpp"] - summary["bpp_estimated"],
+                                                    abs=1e-6)
+    assert math.isfinite(metrics["test_rd_seconds"])
+    assert client().get_run(run_id).data.params["lr_scheduler"] == "warmup-cosine"

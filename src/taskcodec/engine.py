@@ -10,6 +10,7 @@ on SIGTERM/SIGUSR1 (preemption), and a clear stop on a non-finite loss.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from taskcodec import checkpoints, distributed, signals, tracking
+from taskcodec import checkpoints, distributed, signals, speed, tracking
 from taskcodec.config import LoopConfig
 from taskcodec.errors import CheckpointError, ConfigError, TrackingError, TrainingError
 from taskcodec.recipes import Recipe, higher_is_better, recipe_for
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT = signals.PREEMPTED_EXIT  # defined once, in the torch-free signals module
 _RESUMABLE = ("epochs", "max_steps", "num_workers", "device", "log_every", "checkpoint_every",
-              "early_stop_patience", "checkpoint_dir")
+              "early_stop_patience", "checkpoint_dir", "max_minutes", "compile", "channels_last",
+              "precision", "tf32", "rd_every", "rd_images", "cache_mb")
 # Settings that name the run rather than shape it: never a conflict on resume.
 _IDENTITY = ("resume", "run_name")
 
@@ -69,7 +71,14 @@ def build_scheduler(config: LoopConfig, optimizer: torch.optim.Optimizer, monito
             factor=0.1, patience=config.lr_patience)
     if config.lr_scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    return None
+    return None  # warmup-cosine is set per step (see _warmup_cosine)
+
+
+def _warmup_cosine(config: LoopConfig, step: int, progress: float) -> float:
+    """Factor of lr at ``step``: linear warm-up, then cosine from 1 to 0.1 over the budget."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
 
 @dataclass
@@ -79,6 +88,7 @@ class TrainState:
     step: int = 0           # optimizer steps done in total (the MLflow metric step)
     best: float | None = None
     bad_validations: int = 0
+    seconds: float = 0.0    # training time so far (validation excluded), for max_minutes
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -240,6 +250,8 @@ class Trainer:
         self.model_args = ckpt["model_args"] if ckpt and "model_args" in ckpt \
             else recipe.model_args()
         model = recipe.build_model(self.model_args).to(self.device)
+        if config.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         optimizer, aux_optimizer = configure_optimizers(recipe.trainable(model), config.lr,
                                                         config.aux_lr)
         scheduler = build_scheduler(config, optimizer, recipe.monitor)
@@ -252,7 +264,8 @@ class Trainer:
                 scheduler.load_state_dict(ckpt["lr_scheduler"])
             state = TrainState(epoch=ckpt["epoch"], epoch_step=ckpt["epoch_step"],
                                step=ckpt["step"], best=ckpt.get("best"),
-                               bad_validations=ckpt.get("bad_validations", 0))
+                               bad_validations=ckpt.get("bad_validations", 0),
+                               seconds=ckpt.get("seconds", 0.0))
             log.info("resuming run %s at epoch %d, step %d", run_id, state.epoch, state.step)
             done = _budget_used(config, state)
             if done:  # a requeue after completion: nothing to train, nothing to log twice
@@ -273,7 +286,10 @@ class Trainer:
         self.aux_params = [p for g in aux_optimizer.param_groups for p in g["params"]]
         self.model, self.optimizer, self.aux_optimizer = model, optimizer, aux_optimizer
         self.scheduler, self.state, self.run_id = scheduler, state, run_id
+        self.steps_per_epoch = steps_per_epoch
+        self._speed_up(model, steps_per_epoch)
         model.train()
+        rd_every = getattr(config, "rd_every", 0)
         while state.epoch < config.epochs:
             finished_budget = self._train_epoch(train_set, steps_per_epoch)
             epoch_done = state.epoch_step >= steps_per_epoch
@@ -288,9 +304,48 @@ class Trainer:
                     finished_budget = True
             elif finished_budget and not state.history:
                 self._validate_and_schedule(val_set)
+            if rd_every and ((epoch_done and state.epoch % rd_every == 0) or finished_budget):
+                self._log_rd_point(val_set)
             self._checkpoint("last")
             if finished_budget:
                 break
+
+    def _speed_up(self, model: nn.Module, steps_per_epoch: int) -> None:
+        """Apply the speed switches (see :mod:`taskcodec.speed`) and say which are on."""
+        config, state = self.config, self.state
+        speed.set_tf32(config.tf32, self.device)
+        self.precision = speed.resolve_precision(config.precision, self.device)
+        self.scaler = speed.grad_scaler(self.precision, self.device)
+        if self.precision != "fp32":
+            speed.keep_entropy_models_fp32(model)
+        planned = (config.epochs - state.epoch) * steps_per_epoch
+        if config.max_steps:
+            planned = min(planned, config.max_steps - state.step)
+        try:
+            self.compiled = speed.use_compile(config.compile, self.device, planned,
+                                              config.max_minutes - state.seconds / 60)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.trace_logged = not self.compiled
+        if self.compiled:
+            self.ddp_model = speed.compile_module(self.ddp_model)
+        log.info("speed switches: compile=%s, channels_last=%s, precision=%s, tf32=%s",
+                 self.compiled, config.channels_last, self.precision,
+                 config.tf32 and self.device.type == "cuda")
+
+    def _log_rd_point(self, val_set) -> None:
+        """Code the first rd_images validation images with real bitstreams; log test_*."""
+        if not self.dist.is_main:
+            return
+        from taskcodec.evaluate import rd_point
+
+        start = time.perf_counter()
+        metrics = rd_point(self.model, self.model_args, val_set, self.config.rd_images)
+        metrics["test_rd_seconds"] = time.perf_counter() - start
+        self.logger.log_metrics(metrics, self.state.step)
+        log.info("step %d: real bitstreams: test_bpp=%.4f, test_psnr=%.2f dB (%.1f s)",
+                 self.state.step, metrics["test_bpp"], metrics["test_psnr"],
+                 metrics["test_rd_seconds"])
 
     def _batches(self, train_set, remaining: int) -> Iterator[torch.Tensor]:
         state, config = self.state, self.config
@@ -318,10 +373,18 @@ class Trainer:
         bar = tqdm(total=steps_per_epoch, initial=state.epoch_step, disable=not progress_enabled(),
                    desc=f"epoch {state.epoch + 1}/{config.epochs}", unit="step", leave=False)
         trainable = self.recipe.trainable(model)
+        scaler = self.scaler
+        started = time.perf_counter() - state.seconds
         for batch in self._batches(train_set, remaining):
+            step_start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             aux_optimizer.zero_grad(set_to_none=True)
-            losses = self.recipe.losses(self.ddp_model, batch, self.device)
+            if config.channels_last:
+                batch = speed.channels_last(batch)
+            if config.lr_scheduler == "warmup-cosine":
+                self._set_lr(started)
+            with speed.autocast(self.precision, self.device):
+                losses = self.recipe.losses(self.ddp_model, batch, self.device)
             loss = losses["loss"]
             if not torch.isfinite(loss):
                 weights = " or ".join(f"{k}={getattr(config, k)}" for k in ("lmbda", "alpha", "beta")
@@ -332,17 +395,31 @@ class Trainer:
                 raise TrainingError(
                     f"loss became {loss.item()} at step {state.step + 1} (epoch {state.epoch + 1}); "
                     f"lower lr={config.lr} or {weights}, or check the data{saved}")
-            loss.backward()
+            if scaler is not None:  # fp16: scale the loss so small gradients do not underflow
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
             if config.clip_max_norm > 0:
                 for group in self.recipe.clip_groups(trainable):
                     nn.utils.clip_grad_norm_(group, config.clip_max_norm)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if not self.trace_logged:
+                self.trace_logged = True  # the first compiled step includes the trace
+                trace = time.perf_counter() - step_start
+                log.info("torch.compile: first step (trace included) took %.1f s", trace)
+                self.logger.log_metrics({"compile_seconds": trace}, state.step + 1)
             aux = model.aux_loss()
             aux.backward()
             distributed.sync_grads(self.aux_params, self.dist)
             aux_optimizer.step()
             state.step += 1
             state.epoch_step += 1
+            state.seconds = time.perf_counter() - started
             bar.update(1)
             if state.step % config.log_every == 0 or state.epoch_step == steps_per_epoch:
                 items = _loss_items(losses)
@@ -361,11 +438,20 @@ class Trainer:
                 raise _Preempted(name)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0:
                 self._checkpoint("last")
-            if config.max_steps and state.step >= config.max_steps:
+            if _budget_used(config, state, steps_only=True):
                 bar.close()
                 return True
         bar.close()
         return False
+
+    def _set_lr(self, started: float) -> None:
+        config, state = self.config, self.state
+        total = config.max_steps or config.epochs * max(1, self.steps_per_epoch)
+        progress = state.step / total
+        if config.max_minutes:
+            progress = max(progress, (time.perf_counter() - started) / (60 * config.max_minutes))
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.lr * _warmup_cosine(config, state.step, progress)
 
     def _validate_and_schedule(self, val_set) -> bool:
         """Validate, step the schedule, keep the best checkpoint; True means stop early."""
@@ -408,7 +494,7 @@ class Trainer:
             return
 
         state = self.state
-        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        model_state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         ckpt = {
             "format": checkpoints.FORMAT,
             "taskcodec_version": _version(),
@@ -423,6 +509,7 @@ class Trainer:
             "lr_scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "epoch": state.epoch, "epoch_step": state.epoch_step, "step": state.step,
             "best": state.best, "bad_validations": state.bad_validations,
+            "seconds": state.seconds,
             "run_id": self.run_id,
             "unsent_metrics": self.logger.unsent_metrics(),
         }
@@ -434,10 +521,15 @@ class Trainer:
         self.logger.log_artifact(staging / path.name, checkpoints.ARTIFACT_DIR, remove_after=True)
 
 
-def _budget_used(config: LoopConfig, state: TrainState) -> str:
-    """Why a run whose loop state is ``state`` has nothing left to train ('' if it has)."""
+def _budget_used(config: LoopConfig, state: TrainState, steps_only: bool = False) -> str:
+    """Why a run whose loop state is ``state`` has nothing left to train ('' if it has);
+    ``steps_only``: the step and time budgets only (inside an epoch)."""
     if config.max_steps and state.step >= config.max_steps:
         return f"step {state.step} of max_steps={config.max_steps}"
+    if config.max_minutes and state.seconds >= 60 * config.max_minutes:
+        return f"{state.seconds / 60:.1f} minutes of max_minutes={config.max_minutes}"
+    if steps_only:
+        return ""
     if state.epoch >= config.epochs:
         return f"epoch {state.epoch} of epochs={config.epochs}"
     if config.early_stop_patience and state.bad_validations >= config.early_stop_patience:

@@ -203,6 +203,34 @@ def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
     return row
 
 
+def rd_point(model: torch.nn.Module, model_args: dict[str, Any], dataset: Any,
+             max_images: int) -> dict[str, float]:
+    """Real-bitstream RD point of a model being trained, on the first ``max_images`` items of
+    ``dataset``: the same coding as :func:`evaluate_image`, on a copy of the model (whose
+    entropy tables are built here; the trained model is left as it was).
+
+    Returns ``test_bpp``, ``test_psnr``, ``test_ms_ssim`` and ``test_bpp_gap`` (real minus
+    estimated bpp: the header and the entropy coder's overhead).
+    """
+    import copy
+
+    from taskcodec.bitstream import checkpoint_fingerprint
+    from taskcodec.codecs.loading import _header_name
+
+    replica = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    replica.update(force=True)
+    state = {k: v.contiguous() for k, v in replica.state_dict().items()}
+    codec = LoadedCodec(name=_header_name(model_args, {}), kind="codec", model=replica,
+                        fingerprint=checkpoint_fingerprint(state), config={},
+                        model_args=model_args, source="training")
+    results = [evaluate_image(codec, dataset[i], i)[0]
+               for i in range(min(max_images, len(dataset)))]
+    summary = summarize(results)
+    return {"test_bpp": summary["bpp"], "test_psnr": summary["psnr"],
+            "test_ms_ssim": summary["ms_ssim"],
+            "test_bpp_gap": summary["bpp"] - summary["bpp_estimated"]}
+
+
 def _data_source(config: EvalConfig, codec: LoadedCodec) -> str:
     return config.data or str(codec.config.get("data") or "embedded")
 

@@ -131,7 +131,7 @@ class CodecRecipe(Recipe):
         c = self.config
         train = build_dataset(c.data, "train", patch_size=c.patch_size, seed=c.seed,
                               max_side=c.max_side, skip_bad=c.skip_bad,
-                              epoch_length=c.epoch_length or None)
+                              epoch_length=c.epoch_length or None, cache_mb=c.cache_mb)
         val = build_dataset(c.data, "val", seed=c.seed, max_side=c.max_side, skip_bad=c.skip_bad)
         return train, val
 

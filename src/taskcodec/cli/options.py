@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from taskcodec.config import Config, _type_of
+from taskcodec.config import Config, _coerce, _type_of
+from taskcodec.errors import ConfigError
 
 # Numbers and booleans are parsed by the config, which accepts what MLflow renders ("128.0"
 # for an integer declared as float in MLProject) and names the setting in its error.
@@ -44,8 +45,21 @@ def _show(value: Any) -> str:
 
 
 def build_config(config_cls: type[Config], values: dict[str, Any]) -> Config:
-    """The config from the options the user gave (unset options keep their defaults)."""
+    """The config from the options the user gave (unset options keep their defaults).
+
+    Under ``--recipe NAME`` an option equal to its default does not override the preset:
+    ``mlflow run`` (MLProject) passes every declared parameter, defaults included.
+    """
     given = {k: v for k, v in values.items() if v is not None}
+    preset = config_cls.presets.get(str(given.get("recipe", "")), {})
+    fields = {f.name: f for f in config_cls.fields()}
+    for name in set(preset) & set(given):
+        try:
+            value = _coerce(name, given[name], _type_of(fields[name]))
+        except ConfigError:
+            continue  # from_dict reports it
+        if value == fields[name].default:
+            del given[name]
     return config_cls.from_dict(given)
 
 

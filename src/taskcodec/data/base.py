@@ -54,6 +54,11 @@ class ImageDataset(Dataset):
             ``max(len(names), 64)``. Ignored for whole images.
         hflip: also flip half of the crops left-right.
         skip_bad: warn about and skip images that cannot be used, instead of raising.
+        cache_mb: keep up to this many megabytes of decoded images in memory, so that the
+            crops of later epochs cut from decoded pixels instead of decoding the file again
+            (0: decode every time). The cache lives in the process that reads the items: with
+            ``num_workers=0`` it lasts the whole run; non-persistent workers refill their own
+            every epoch, so for a set that fits the cache workers do not help.
     """
 
     def __init__(
@@ -68,8 +73,13 @@ class ImageDataset(Dataset):
         epoch_length: int | None = None,
         hflip: bool = False,
         skip_bad: bool = False,
+        cache_mb: int = 0,
     ) -> None:
         _check_count("seed", seed, minimum=0)
+        _check_count("cache_mb", cache_mb, minimum=0)
+        self.cache_mb = cache_mb
+        self._cache: dict[int, tuple[torch.Tensor, tuple[int, int] | None]] = {}
+        self._cache_bytes = 0
         _check_count("epoch_length", epoch_length, minimum=0)
         self.names = list(names)
         self.source = source
@@ -122,7 +132,7 @@ class ImageDataset(Dataset):
 
     def _checked(self, i: int) -> torch.Tensor:
         """Image ``i``, or :class:`DataError` if it is unreadable or smaller than the crop."""
-        image, original = self._load(i)
+        image, original = self._decoded(i)
         if self.crop:
             ph, pw = self.patch_size
             h, w = image.shape[1:]
@@ -132,6 +142,17 @@ class ImageDataset(Dataset):
                 raise DataError(f"image {self.names[i]} is {w}x{h}{how}, smaller than the "
                                 f"{pw}x{ph} training crop")
         return image
+
+    def _decoded(self, i: int) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """:meth:`_load`, through the in-memory cache while it has room (see ``cache_mb``)."""
+        hit = self._cache.get(i)
+        if hit is None:
+            hit = self._load(i)
+            size = hit[0].numel() * hit[0].element_size()
+            if self._cache_bytes + size <= self.cache_mb * 2**20:
+                self._cache[i] = hit
+                self._cache_bytes += size
+        return hit
 
     def _usable(self, i: int) -> torch.Tensor:
         """Image ``i``; with ``skip_bad``, the next usable one when ``i`` is bad.
@@ -182,6 +203,8 @@ class ImageDataset(Dataset):
                             "unreadable or too small (see the warnings above)")
         self.names = keep
         self._bad.clear()
+        self._cache.clear()  # indices moved
+        self._cache_bytes = 0
         return problems
 
     def describe(self) -> str:

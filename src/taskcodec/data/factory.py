@@ -46,6 +46,7 @@ def build_dataset(
     epoch_length: int | None = None,
     hflip: bool = False,
     crop: bool | None = None,
+    cache_mb: int = 0,
 ) -> Dataset:
     """The ``split`` (``"train"`` or ``"val"``) of ``source``.
 
@@ -57,7 +58,8 @@ def build_dataset(
 
     ``max_side`` applies to the embedded images only: folders keep their full resolution so
     that results on standard sets stay comparable (use :class:`ImageFolder` directly to shrink
-    them). ``epoch_length`` of ``None`` or ``0`` means ``max(images, 64)`` crops per epoch.
+    them); ``cache_mb`` keeps that many megabytes of a folder's decoded images in memory
+    (embedded images are always kept). ``epoch_length`` of ``None`` or ``0`` means ``max(images, 64)`` crops per epoch.
     """
     check_split(split)
     if not isinstance(source, str) or not source:
@@ -68,7 +70,7 @@ def build_dataset(
         return EmbeddedImages(split, max_side=max_side, **common)
     if source == SCENES:
         return SceneImages(split, **common)
-    return ImageFolder(source, split, skip_bad=skip_bad, **common)
+    return ImageFolder(source, split, skip_bad=skip_bad, cache_mb=cache_mb, **common)
 
 
 def build_task_dataset(

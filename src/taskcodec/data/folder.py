@@ -109,6 +109,8 @@ class ImageFolder(ImageDataset):
         skip_bad: warn about and skip unreadable or too-small files instead of raising. Whole
             images are then all decoded at construction, so that a bad file is dropped rather
             than replaced by a repeat of another image.
+        cache_mb: megabytes of decoded images kept in memory (see
+            :class:`taskcodec.data.base.ImageDataset`).
         Other arguments: see :class:`taskcodec.data.base.ImageDataset`.
     """
 
@@ -124,6 +126,7 @@ class ImageFolder(ImageDataset):
         hflip: bool = False,
         crop: bool | None = None,
         skip_bad: bool = False,
+        cache_mb: int = 0,
     ) -> None:
         if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool)
                                      or max_side < 1):
@@ -142,7 +145,7 @@ class ImageFolder(ImageDataset):
         super().__init__([str(f) for f in files], source=str(root), split=split,
                          crop=split == "train" if crop is None else crop,
                          patch_size=patch_size, seed=seed, epoch_length=epoch_length,
-                         hflip=hflip, skip_bad=skip_bad)
+                         hflip=hflip, skip_bad=skip_bad, cache_mb=cache_mb)
         self.root = folder
         self.max_side = max_side
         if skip_bad and not self.crop:
