@@ -306,7 +306,10 @@ class EvalConfig(Config):
     data: str = opt("", "data to evaluate on: 'embedded', 'scenes', a folder/.zip/.tar of "
                     "images, coco:PATH or cityscapes:PATH (default: what the checkpoint was "
                     "trained on)")
-    split: str = opt("val", "split of the data set to evaluate", choices=("train", "val"))
+    split: str = opt("auto", "split to evaluate: auto (every image of a folder without "
+                     "train/val/test subfolders, else its test/ or val/; val of embedded, "
+                     "scenes, coco, cityscapes), train, val, test or all",
+                     choices=("auto", "train", "val", "test", "all"))
     max_images: int = opt(0, "evaluate at most this many images (0: all)", min=0)
     max_side: int = opt(512, "downscale embedded images so the longer side is at most this",
                         min=64, max=8192)

@@ -49,6 +49,22 @@ def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT
 
 
+def start_run(run_name: str = ""):
+    """Start (or, under ``mlflow run``, take over) this process's MLflow run.
+
+    ``mlflow run`` creates the run and names it in ``$MLFLOW_RUN_ID``: that run is used as it
+    is, in whatever experiment it was created (setting ours first would make MLflow refuse it
+    as belonging to another experiment).
+    """
+    import mlflow
+
+    run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    mlflow.set_experiment(experiment_name())
+    return mlflow.start_run(run_name=run_name or None)
+
+
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
     """Fail fast, in one line with its fix, when an HTTP tracking server does not answer or
     refuses our credentials (HTTP 401: missing or wrong ``MLFLOW_TRACKING_USERNAME`` /
