@@ -133,9 +133,13 @@ class Trainer:
         uri = tracking.tracking_uri()
         tracking.check_reachable(uri)
         mlflow.set_tracking_uri(uri)
+        resume_id = config.resume or os.environ.get("TASKCODEC_RESUME_RUN_ID", "")
+        self.init_ckpt = None
+        if config.init_from and not resume_id:  # its architecture, before a run is created
+            self.init_ckpt = self._adopt_architecture(config.init_from)
+            config = self.config
         self.recipe.prepare()  # refuse a bad base run before a run is created
         metrics_interval = tracking.metrics_interval_from_env()  # and a bad interval
-        resume_id = config.resume or os.environ.get("TASKCODEC_RESUME_RUN_ID", "")
         run_id = resume_id or os.environ.get("MLFLOW_RUN_ID", "")
         client = mlflow.tracking.MlflowClient(uri)
         if run_id:
@@ -210,6 +214,31 @@ class Trainer:
                                      if k in {f.name for f in cls.fields()}})
         self.recipe = recipe_for(self.config)
 
+    def _adopt_architecture(self, ref: str) -> dict:
+        """Take what shapes the model from the checkpoint ``--init-from`` names, unless the user
+        set it; a setting the user gave that the weights cannot have is one line naming both."""
+        ckpt, where = checkpoints.load_ref(ref, "best")
+        given, cls = self.config, type(self.config)
+        source_entry = ckpt.get("entry_point", given.entry_point)
+        if source_entry != given.entry_point:
+            raise CheckpointError(f"init_from={ref} is a {source_entry} checkpoint; "
+                                  f"{given.entry_point} cannot start from its weights")
+        stored, defaults = ckpt["config"], {f.name: f.default for f in cls.fields()}
+        adopted = {}
+        for name in cls.architecture:
+            if name not in stored or stored[name] == getattr(given, name):
+                continue
+            if getattr(given, name) != defaults[name]:
+                raise ConfigError(f"{name}={getattr(given, name)} conflicts with init_from={ref}, "
+                                  f"whose weights have {name}={stored[name]} (leave {name} out "
+                                  "to take it from there)")
+            adopted[name] = stored[name]
+        if adopted:
+            log.info("init_from %s: %s", where, ", ".join(f"{k}={v}" for k, v in adopted.items()))
+            self.config = cls.from_dict({**given.to_dict(), **adopted})
+            self.recipe = recipe_for(self.config)
+        return ckpt
+
     # -- training ----------------------------------------------------------------------------
     def _train(self, run_id: str, ckpt: dict | None) -> None:
         config = self.config
@@ -233,7 +262,7 @@ class Trainer:
                                bad_validations=ckpt.get("bad_validations", 0))
             log.info("resuming run %s at epoch %d, step %d", run_id, state.epoch, state.step)
         elif config.init_from:
-            init_weights(model, config.init_from)
+            init_weights(model, config.init_from, getattr(self, "init_ckpt", None))
             self.logger.set_tags({"init_from": config.init_from})
         train_set, val_set = recipe.datasets()
         # Under DDP an epoch still covers the data set once: each rank takes its share.
@@ -408,9 +437,10 @@ def _version() -> str:
     return __version__
 
 
-def init_weights(model: nn.Module, ref: str) -> None:
+def init_weights(model: nn.Module, ref: str, ckpt: dict | None = None) -> None:
     """Load another run's (or file's) weights to fine-tune from them (e.g. a new lmbda)."""
-    ckpt, _ = checkpoints.load_ref(ref, "best")
+    if ckpt is None:
+        ckpt, _ = checkpoints.load_ref(ref, "best")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
