@@ -147,8 +147,10 @@ class Trainer:
                 client.get_run(run_id)
             except Exception:
                 raise TrackingError(f"cannot resume: no MLflow run {run_id!r} at {uri}") from None
+            tracking.check_run_artifacts(run_id, uri)  # where checkpoints go, before training
             active = mlflow.start_run(run_id=run_id)
         else:
+            tracking.check_experiment_artifacts(tracking.experiment_name(), uri)
             mlflow.set_experiment(tracking.experiment_name())
             active = mlflow.start_run(run_name=config.run_name or None)
         run_id = active.info.run_id
@@ -189,6 +191,12 @@ class Trainer:
                 mlflow.end_run(status)
             except Exception as err:  # the server may still be away: the run stays RUNNING
                 log.warning("could not mark run %s %s: %s", run_id, status, err)
+        lost = [u for u in unsent if u.startswith("artifact")]
+        if lost:  # a training that "succeeded" without its checkpoints would be lost work
+            raise TrackingError(f"{len(lost)} checkpoint uploads of run {run_id} failed; the "
+                                f"checkpoints are in {self.ckpt_dir} (upload them with "
+                                f"mlflow artifacts log-artifacts --run-id {run_id} "
+                                f"--local-dir {self.ckpt_dir} --artifact-path checkpoints)")
         return run_id
 
     def _find_resume_checkpoint(self, run_id: str, uri: str) -> dict | None:

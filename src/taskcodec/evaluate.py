@@ -299,6 +299,8 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    if mlflow.active_run() is None:
+        tracking.check_run_destination(uri)  # before the work, not when logging its results
     codec = load_codec(config.checkpoint, config.which)
     stored = codec.config
     params = {"codec": codec.name, "checkpoint": config.checkpoint, "which": config.which}
