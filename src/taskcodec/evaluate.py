@@ -264,7 +264,12 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec
 
     from taskcodec.engine import progress_enabled
 
-    dataset = build_dataset(_data_source(config, codec), config.split, max_side=config.max_side)
+    source = _data_source(config, codec)
+    # Scenes have no native size: render them as the codec saw them in its own validation,
+    # which is also what the scalable runs of the same size are measured on.
+    scenes = {"patch_size": int(codec.config.get("patch_size", 256)),
+              "seed": int(codec.config.get("seed", 0))} if source == "scenes" else {}
+    dataset = build_dataset(source, config.split, max_side=config.max_side, **scenes)
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
     results, originals, recons = [], [], []
     digest = DataDigest()
