@@ -23,6 +23,7 @@ from taskcodec import tracking
 from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, load_codec
 from taskcodec.config import EvalConfig
 from taskcodec.data import build_dataset
+from taskcodec.data.base import check_plain_split
 from taskcodec.data.transforms import pad_to_multiple
 from taskcodec.metrics import bpp_from_bytes, bpp_from_likelihoods, ms_ssim, psnr
 
@@ -230,7 +231,8 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     task = codec.task
     target = codec.model_args.get("target", "")
     # Both layers are scored: the base on its task, a segmentation enhancement on masks.
-    split = "val" if config.split == "auto" else config.split
+    source = _data_source(config, codec)
+    split = check_plain_split("val" if config.split == "auto" else config.split, source)
     dataset = build_task_dataset(_data_source(config, codec), split,
                                  task=(task, "segmentation") if target == "segmentation" else task,
                                  size=int(codec.config.get("image_size", 128)),

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from taskcodec.data.transforms import crop_box, parse_patch_size, to_float
-from taskcodec.errors import DataError
+from taskcodec.errors import ConfigError, DataError
 
 SPLITS = ("train", "val")
 #: What a folder of images can also be asked for, for evaluation: its test/ folder, or every image.
@@ -29,6 +29,14 @@ MIN_EPOCH_LENGTH = 64  # crops per epoch for tiny sets, so an "epoch" is a usefu
 def check_split(split: str, allowed: tuple[str, ...] = SPLITS) -> str:
     if split not in allowed:
         raise ValueError(f'Invalid split "{split}", should be one of: {", ".join(allowed)}')
+    return split
+
+
+def check_plain_split(split: str, source: str) -> str:
+    """A data set other than a folder has train and val only: "test"/"all" are one line."""
+    if split not in SPLITS:
+        raise ConfigError(f'split "{split}" is for folders of images; {source} has the splits '
+                          "train and val")
     return split
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from taskcodec.data.base import FOLDER_SPLITS, SPLITS, ImageDataset, check_split
+from taskcodec.data.base import FOLDER_SPLITS, ImageDataset, check_plain_split, check_split
 from taskcodec.data.cityscapes import Cityscapes, check_scale
 from taskcodec.data.coco import CocoDetection
 from taskcodec.data.embedded import DEFAULT_MAX_SIDE, EmbeddedImages
@@ -66,10 +66,7 @@ def build_dataset(
     common = dict(patch_size=patch_size, seed=seed, epoch_length=epoch_length, hflip=hflip,
                   crop=crop)
     if source in (EMBEDDED, SCENES):
-        split = "val" if split == "auto" else split
-        if split not in SPLITS:
-            raise ConfigError(f'split "{split}" is for folders of images; {source} has the '
-                              "splits train and val")
+        split = check_plain_split("val" if split == "auto" else split, source)
         return (EmbeddedImages(split, max_side=max_side, **common) if source == EMBEDDED
                 else SceneImages(split, **common))
     return ImageFolder(source, split, skip_bad=skip_bad, **common)
