@@ -104,6 +104,20 @@ def mlflow_server(tmp_path_factory) -> Iterator[MlflowServer]:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+#: Markers (and fixtures) of tests that are never quick: `pytest -m "not slow"` leaves them out.
+_SLOW_MARKERS = ("server", "image")
+_SLOW_FIXTURES = {"mlflow_server", "server_script"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items) -> None:
+    """A test that starts a server, a cluster, a browser or an image build is also slow."""
+    for item in items:
+        if (any(item.get_closest_marker(m) for m in _SLOW_MARKERS)
+                or _SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(pytest.mark.slow)
+
+
 def _reset_mlflow_globals() -> None:
     """Undo what a test did through MLflow's module-level (fluent) state.
 

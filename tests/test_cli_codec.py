@@ -66,6 +66,40 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=120, stdin=subprocess.DEVNULL, check=False)
 
 
+# --- evaluate: what it measured, over what the user meant -----------------------------------
+
+
+def test_evaluate_measures_every_image_of_a_flat_folder_and_logs_the_data_set(checkpoints,
+                                                                               tmp_path):
+    import mlflow
+
+    from taskcodec.evaluate import data_name
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "kodak"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(
+            folder / f"kodim{i:02d}.png")
+    args = ["evaluate", "--checkpoint", str(checkpoints["a"]), "--data", str(folder),
+            "--jpeg", "false"]
+    whole = CliRunner().invoke(cli, args)
+    assert whole.exit_code == 0, whole.output
+    first = whole.output.splitlines()[0]
+    assert first.startswith(f"5 images of {folder} (split all, digest "), first
+    run_id = whole.output.split("MLflow run: ")[1].split()[0]
+    run = mlflow.tracking.MlflowClient().get_run(run_id)
+    digest = run.data.tags["data_digest"]
+    assert run.data.params["images"] == "5" and run.data.params["data_digest"] == digest
+    assert run.data.tags["data_name"] == "kodak" == data_name(f"{folder}/")
+    inputs = run.inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("kodak-all", digest)]
+    # Explicit splits still work; other images are other data (another digest).
+    val = CliRunner().invoke(cli, [*args, "--split", "val"])
+    assert val.exit_code == 0 and val.output.startswith("1 image of "), val.output
+    assert f"digest {digest}" not in val.output.splitlines()[0]
+
+
 # --- the round trip --------------------------------------------------------------------------
 
 

@@ -217,6 +217,26 @@ def test_jpeg_points_of_the_runs_make_one_reference_curve():
         cmp.pick_anchor([*cmp.curves_from_runs(runs), jpeg], "nope")
 
 
+def test_runs_on_different_data_sets_never_share_a_curve_unless_mixed_on_purpose():
+    kodak = {"data_name": "kodak", "data_digest": "1a2b3c4d5e6f7a8b"}
+    embedded = {"data_name": "embedded", "data_digest": "99aa00bb11cc22dd"}
+    runs = [fake_run(evaluate_metrics(b, p), tags={"method": "hyper", **data})
+            for data in (kodak, embedded) for b, p in zip(RATES, PSNRS)]
+    curves = cmp.curves_from_runs(runs, "method")
+    assert [(c.name, len(c.points)) for c in curves] == [
+        ("hyper @ embedded#99aa00bb", 4), ("hyper @ kodak#1a2b3c4d", 4)]
+    mixed = cmp.curves_from_runs(runs, "method", mix_data=True)
+    assert [(c.name, len(c.points)) for c in mixed] == [("hyper", 8)]
+    # One data set (or runs from before digests were logged): names stay as they were.
+    assert [c.name for c in cmp.curves_from_runs(runs[:4], "method")] == ["hyper"]
+    options = cmp.CompareOptions(jpeg=True)
+    assert [c.name for c in cmp.build_curves(runs, options)] == [
+        "hyper @ embedded#99aa00bb", "hyper @ kodak#1a2b3c4d", "JPEG (Pillow) @ embedded#99aa00bb",
+        "JPEG (Pillow) @ kodak#1a2b3c4d"]
+    old = fake_run(evaluate_metrics(0.3, 30), tags={"method": "hyper"})
+    assert cmp.data_sets([runs[0], old]) == ["kodak#1a2b3c4d", "unknown data"]
+
+
 def test_metric_kinds():
     assert [m for m in evaluate_metrics(0.1, 30) if cmp.is_quality_metric(m)] == ["psnr", "ms_ssim"]
     assert all(cmp.is_quality_metric(m) for m in ("map", "miou", "abs_rel", "accuracy"))

@@ -146,10 +146,32 @@ def test_test_folder_counts_as_val(tmp_path):
     assert [Path(n).name for n in ImageFolder(tmp_path, "val").names] == ["b.png"]
 
 
-def test_half_of_the_compressai_layout_is_an_error(tmp_path):
+def test_a_missing_split_folder_is_an_error_naming_what_is_there(tmp_path):
     write_image(tmp_path / "train" / "a.png")
-    with pytest.raises(DataError, match="train/"):
+    with pytest.raises(DataError, match=r"has no val/ folder \(it has train/\)"):
+        ImageFolder(tmp_path, "val")
+
+
+def test_a_folder_with_only_test_serves_evaluation(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "test" / f"t{i}.png", seed=i)
+    for split in ("test", "val", "auto", "all"):
+        folder = ImageFolder(tmp_path, split)
+        assert len(folder.names) == 3 and folder.layout == "test/ folder", split
+    with pytest.raises(DataError, match="no train/ folder"):
         ImageFolder(tmp_path, "train")
+
+
+def test_all_and_test_of_a_flat_folder_are_every_image(tmp_path):
+    flat_folder(tmp_path, 12)
+    for split in ("all", "test", "auto"):
+        folder = build_dataset(str(tmp_path), split)
+        assert len(folder) == 12 and folder.split in ("all", "test"), split
+    write_image(tmp_path / "sub" / "train" / "a.png")
+    write_image(tmp_path / "sub" / "val" / "b.png", seed=1)
+    both = ImageFolder(tmp_path / "sub", "all")
+    assert [Path(n).name for n in both.names] == ["a.png", "b.png"]
+    assert ImageFolder(tmp_path / "sub", "auto").split == "val"
 
 
 def test_folder_without_subfolders_sends_every_tenth_file_to_val(tmp_path):

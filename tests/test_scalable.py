@@ -486,6 +486,7 @@ def test_evaluation_scores_each_layer_on_its_own_targets(tmp_path):
         EvalConfig(checkpoint="unused", data=f"cityscapes:{root}", max_images=2), codec)
     assert (info["task"], info["target"]) == ("depth", "segmentation")
     assert info["previews"] == ([], [])  # a beta = 0 base without a probe shows nothing
+    assert (info["data"]["data_name"], info["data"]["images"]) == ("cityscapes", 2)
     assert len(rows) == 2
     assert {"abs_rel", "rmse", "delta1", "miou", "bpp", "bpp_base", "bpp_enh"} <= set(summary)
     assert summary["bpp"] == pytest.approx(summary["bpp_base"] + summary["bpp_enh"])

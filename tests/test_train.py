@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from taskcodec.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin: taskcodec, mlflow and python
 TASKCODEC = str(BIN / "taskcodec")
@@ -473,7 +475,6 @@ def test_non_finite_loss_stops_with_one_clear_error(tmp_path, monkeypatch):
 def test_init_from_starts_from_the_source_runs_best_weights(tmp_path, monkeypatch):
     import torch
 
-    from taskcodec.errors import CheckpointError
 
     source = train_in_process(tmp_path, monkeypatch, epochs=3, epoch_length=8, lr=0.01,
                               checkpoint_dir=str(tmp_path / "a"))
@@ -498,9 +499,38 @@ def test_init_from_starts_from_the_source_runs_best_weights(tmp_path, monkeypatc
     for key, value in best["model"].items():  # steps of 1e-12 move only weights near zero
         assert torch.allclose(tuned_weights[key], value, rtol=1e-6, atol=1e-9), key
 
-    with pytest.raises(CheckpointError, match=r"init_from=.*N=8, M=8 and do not fit"):
+    with pytest.raises(ConfigError, match=r"^N=16 conflicts with init_from=.*weights have N=8"):
         train_in_process(tmp_path, monkeypatch, N=16, epochs=1, epoch_length=4, init_from=source,
                          checkpoint_dir=str(tmp_path / "c"))
+
+
+def test_init_from_takes_the_architecture_from_its_source_unless_given(tmp_path, monkeypatch):
+    from taskcodec.checkpoints import save_atomic
+    from taskcodec.codecs import build_codec
+    from taskcodec.errors import CheckpointError
+
+    model = build_codec("bmshj2018-hyperprior", N=8, M=8)
+    source = save_atomic({"model": model.state_dict(), "entry_point": "train",
+                          "config": {"codec": "bmshj2018-hyperprior", "N": 8, "M": 8}},
+                         tmp_path / "hyper.pt")
+    # The codec is not given: it comes from the source, and the run says so in its params.
+    run_id = train_in_process(tmp_path, monkeypatch, patch_size=64, max_steps=1, epochs=1,
+                              epoch_length=2, init_from=str(source),
+                              checkpoint_dir=str(tmp_path / "ok"))
+    params = client().get_run(run_id).data.params
+    assert (params["codec"], params["N"], params["M"]) == ("bmshj2018-hyperprior", "8", "8")
+    assert load_checkpoint(tmp_path / "ok" / "last.pt")["model_args"]["codec"] == \
+        "bmshj2018-hyperprior"
+    # A value given that the weights cannot have: one line naming both, before any run exists.
+    before = len(client().search_runs([client().get_experiment_by_name("taskcodec").experiment_id]))
+    with pytest.raises(ConfigError, match=r"^M=16 conflicts with init_from=.*hyper.pt, whose "
+                                          r"weights have M=8 \(leave M out"):
+        train_in_process(tmp_path, monkeypatch, M=16, init_from=str(source))
+    with pytest.raises(CheckpointError, match="is a train-base checkpoint; train cannot"):
+        train_in_process(tmp_path, monkeypatch, init_from=str(save_atomic(
+            {"model": {}, "entry_point": "train-base", "config": {}}, tmp_path / "base.pt")))
+    after = len(client().search_runs([client().get_experiment_by_name("taskcodec").experiment_id]))
+    assert after == before
 
 
 def test_early_stopping_ends_training_before_the_last_epoch(tmp_path, monkeypatch):

@@ -162,11 +162,36 @@ def check_rate(rate: str) -> None:
                           "bpp_estimated, bpp_enh_estimated, ...)")
 
 
-def curves_from_runs(runs: Iterable, group_by: str = "method", rate: str = RATE) -> list[Curve]:
+def data_key(run) -> str:
+    """The data set a run was evaluated on: its content digest ("" for runs that predate it)."""
+    return run.data.tags.get("data_digest") or run.data.params.get("data_digest") or ""
+
+
+def data_label(run) -> str:
+    """How a curve names its data set: ``kodak#1a2b3c4d``."""
+    digest = data_key(run)
+    if not digest:
+        return "unknown data"
+    return f"{run.data.tags.get('data_name') or 'data'}#{digest[:8]}"
+
+
+def data_sets(runs: Iterable) -> list[str]:
+    """The labels of the data sets the runs were evaluated on, sorted."""
+    return sorted({data_label(r) for r in runs})
+
+
+def curves_from_runs(runs: Iterable, group_by: str = "method", rate: str = RATE, *,
+                     mix_data: bool = False) -> list[Curve]:
     """One curve per value of ``group_by`` (a tag or param, or several joined by commas), with
-    the logged metric ``rate`` as each point's rate."""
+    the logged metric ``rate`` as each point's rate.
+
+    Runs evaluated on different data (by content digest) never share a curve: when the runs
+    span several data sets each curve name ends in `` @ DATA``, unless ``mix_data``.
+    """
     check_rate(rate)
     keys = parse_group_by(group_by)
+    runs = list(runs)
+    split_data = not mix_data and len(data_sets(runs)) > 1
     groups: dict[str, list[Point]] = {}
     for run in runs:
         metrics = _finite(run.data.metrics)
@@ -175,7 +200,8 @@ def curves_from_runs(runs: Iterable, group_by: str = "method", rate: str = RATE)
             continue
         bpp = metrics.pop(rate)
         quality = {k: v for k, v in metrics.items() if is_quality_metric(k)}
-        groups.setdefault(group_value(run, keys), []).append(
+        name = group_value(run, keys) + (f" @ {data_label(run)}" if split_data else "")
+        groups.setdefault(name, []).append(
             Point(bpp, quality, run.info.run_id, _point_label(run)))
     return [make_curve(name, pts) for name, pts in sorted(groups.items())]
 
@@ -699,6 +725,7 @@ class CompareOptions:
     metrics: tuple[str, ...] = ()
     references: tuple[str, ...] = ()
     jpeg: bool = False
+    mix_data: bool = False  # put runs evaluated on different data into one curve
     bd_method: str = "pchip"
     rate: str = RATE
     output_dir: Path | None = None
@@ -735,14 +762,19 @@ def _resolve_experiment(client, name: str):
 
 def build_curves(runs: Sequence, options: CompareOptions) -> list[Curve]:
     """Run curves, then the reference files, then JPEG; names are unique."""
-    curves = curves_from_runs(runs, options.group_by, options.rate)
+    curves = curves_from_runs(runs, options.group_by, options.rate, mix_data=options.mix_data)
     curves += [load_reference(p) for p in options.references]
     if options.jpeg:
-        jpeg = jpeg_curve(runs)
-        if jpeg is None:
+        labels = data_sets(runs)
+        by_data = ([list(runs)] if options.mix_data or len(labels) == 1 else
+                   [[r for r in runs if data_label(r) == label] for label in labels])
+        jpegs = [jpeg_curve(group) for group in by_data]
+        if not any(jpegs):
             raise ConfigError("--jpeg: none of the selected runs logged jpeg_bpp "
                               "(evaluate them with --jpeg true)")
-        curves.append(jpeg)
+        curves += [c if len(by_data) == 1 else
+                   Curve(f"{c.name} @ {data_label(group[0])}", c.points, c.source)
+                   for c, group in zip(jpegs, by_data) if c is not None]
     seen: dict[str, int] = {}
     unique = []
     for c in curves:
@@ -806,7 +838,7 @@ def _log_run(client, experiment_id: str, files: Sequence[Path], options: Compare
               "rate": options.rate,
               "metrics": ",".join(metrics)[:500], "curves": curves, "compared_runs": len(run_ids),
               "references": ",".join(Path(p).name for p in options.references)[:500],
-              "jpeg": str(options.jpeg).lower()}
+              "jpeg": str(options.jpeg).lower(), "mix_data": str(options.mix_data).lower()}
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     created = not run_id
     if created:
@@ -864,6 +896,11 @@ def compare(options: CompareOptions) -> Comparison:
     text = "\n\n".join([format_curves(curves, metrics), format_bd(rows, anchor.name,
                                                                    options.bd_method)]
                         + ([format_ratios(ratios)] if ratios else []))
+    if len(data_sets(runs)) > 1:
+        text += (f"\n\nThe runs were evaluated on {len(data_sets(runs))} data sets "
+                 f"({', '.join(data_sets(runs))}): "
+                 + ("--mix-data put them into the same curves." if options.mix_data else
+                    "one curve per data set (--mix-data to group them anyway)."))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(options.output_dir) if options.output_dir else Path(tmp)
         files = write_outputs(curves, metrics, rows, folder, anchor=anchor.name,

@@ -160,6 +160,8 @@ class LoopConfig(Config):
     """Settings every training entry point shares: the loop, its schedule, and the run."""
 
     monitors: ClassVar[tuple[str, ...]] = ("val_loss",)
+    #: The settings that shape the model: --init-from takes them from its source checkpoint.
+    architecture: ClassVar[tuple[str, ...]] = ()
 
     data: str = opt("embedded", "'embedded' (images shipped with scikit-image) or a folder/"
                     ".zip/.tar of images")
@@ -197,7 +199,8 @@ class LoopConfig(Config):
     log_every: int = opt(10, "log training losses every this many steps", min=1)
     checkpoint_every: int = opt(0, "also checkpoint every this many steps (0: once per epoch)",
                                 min=0)
-    init_from: str = opt("", "start from the weights of this MLflow run id or checkpoint path")
+    init_from: str = opt("", "start from the weights of this MLflow run id or checkpoint path "
+                         "(its architecture too: codec, N, M, ... unless given)")
     resume: str = opt("", "continue this MLflow run id from its last checkpoint "
                       "(also $TASKCODEC_RESUME_RUN_ID)")
     run_name: str = opt("", "MLflow run name (default: generated)")
@@ -236,6 +239,7 @@ class TrainConfig(LoopConfig):
     entry_point: ClassVar[str] = "train"
     presets: ClassVar[dict[str, dict[str, Any]]] = {"short-cpu": SHORT_CPU}
     monitors: ClassVar[tuple[str, ...]] = ("val_loss", "val_bpp", "val_psnr", "val_ms_ssim")
+    architecture: ClassVar[tuple[str, ...]] = ("codec", "N", "M")
 
     codec: str = opt("bmshj2018-factorized", "codec architecture from the registry",
                      choices=CODEC_NAMES)
@@ -315,6 +319,7 @@ class BaseConfig(LoopConfig):
 
     entry_point: ClassVar[str] = "train-base"
     monitors: ClassVar[tuple[str, ...]] = TASK_MONITORS
+    architecture: ClassVar[tuple[str, ...]] = ("task", "entropy_model", "N", "M")
 
     data: str = opt("scenes", "'scenes' (procedural, embedded), coco:PATH or cityscapes:PATH")
     monitor: str = opt("auto", "validation metric for the best checkpoint and early stopping "
@@ -371,6 +376,8 @@ class EnhancementConfig(LoopConfig):
     entry_point: ClassVar[str] = "train-enhancement"
     monitors: ClassVar[tuple[str, ...]] = ("val_loss", "val_bpp", "val_bpp_enh", "val_psnr",
                                            "val_ms_ssim", "val_miou")
+    architecture: ClassVar[tuple[str, ...]] = ("method", "target", "N", "M",
+                                               "condition_decoder")
 
     base_run: str = opt("", "MLflow run id (or checkpoint path) of the trained base layer")
     data: str = opt("scenes", "'scenes' (procedural, embedded), coco:PATH or cityscapes:PATH")
@@ -442,7 +449,10 @@ class EvalConfig(Config):
     data: str = opt("", "data to evaluate on: 'embedded', 'scenes', a folder/.zip/.tar of "
                     "images, coco:PATH or cityscapes:PATH (default: what the checkpoint was "
                     "trained on)")
-    split: str = opt("val", "split of the data set to evaluate", choices=("train", "val"))
+    split: str = opt("auto", "split to evaluate: auto (every image of a folder without "
+                     "train/val/test subfolders, else its test/ or val/; val of embedded, "
+                     "scenes, coco, cityscapes), train, val, test or all",
+                     choices=("auto", "train", "val", "test", "all"))
     max_images: int = opt(0, "evaluate at most this many images (0: all)", min=0)
     max_side: int = opt(512, "downscale embedded images so the longer side is at most this",
                         min=64, max=8192)

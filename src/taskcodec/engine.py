@@ -145,9 +145,13 @@ class Trainer:
         uri = tracking.tracking_uri()
         tracking.check_reachable(uri)
         mlflow.set_tracking_uri(uri)
+        resume_id = config.resume or os.environ.get("TASKCODEC_RESUME_RUN_ID", "")
+        self.init_ckpt = None
+        if config.init_from and not resume_id:  # its architecture, before a run is created
+            self.init_ckpt = self._adopt_architecture(config.init_from)
+            config = self.config
         self.recipe.prepare()  # refuse a bad base run before a run is created
         metrics_interval = tracking.metrics_interval_from_env()  # and a bad interval
-        resume_id = config.resume or os.environ.get("TASKCODEC_RESUME_RUN_ID", "")
         run_id = resume_id or os.environ.get("MLFLOW_RUN_ID", "")
         client = mlflow.tracking.MlflowClient(uri)
         ckpt = None
@@ -164,8 +168,10 @@ class Trainer:
                 log.warning("run %s has no checkpoint yet: starting it from scratch", run_id)
             if ckpt is not None:  # a conflicting setting is refused before the run is touched
                 self._adopt_stored_config(ckpt["config"], run_id=run_id)
+            tracking.check_run_artifacts(run_id, uri)  # where checkpoints go, before training
             active = mlflow.start_run(run_id=run_id)
         else:
+            tracking.check_experiment_artifacts(tracking.experiment_name(), uri)
             mlflow.set_experiment(tracking.experiment_name())
             active = mlflow.start_run(run_name=config.run_name or None)
             self.ckpt_dir = Path(config.checkpoint_dir or Path("checkpoints") / active.info.run_id)
@@ -201,6 +207,12 @@ class Trainer:
                 mlflow.end_run(status)
             except Exception as err:  # the server may still be away: the run stays RUNNING
                 log.warning("could not mark run %s %s: %s", run_id, status, err)
+        lost = [u for u in unsent if u.startswith("artifact")]
+        if lost:  # a training that "succeeded" without its checkpoints would be lost work
+            raise TrackingError(f"{len(lost)} checkpoint uploads of run {run_id} failed; the "
+                                f"checkpoints are in {self.ckpt_dir} (upload them with "
+                                f"mlflow artifacts log-artifacts --run-id {run_id} "
+                                f"--local-dir {self.ckpt_dir} --artifact-path checkpoints)")
         return run_id
 
     def _find_resume_checkpoint(self, run_id: str, uri: str) -> dict | None:
@@ -242,6 +254,31 @@ class Trainer:
                                      if k in {f.name for f in cls.fields()}})
         self.recipe = recipe_for(self.config)
 
+    def _adopt_architecture(self, ref: str) -> dict:
+        """Take what shapes the model from the checkpoint ``--init-from`` names, unless the user
+        set it; a setting the user gave that the weights cannot have is one line naming both."""
+        ckpt, where = checkpoints.load_ref(ref, "best")
+        given, cls = self.config, type(self.config)
+        source_entry = ckpt.get("entry_point", given.entry_point)
+        if source_entry != given.entry_point:
+            raise CheckpointError(f"init_from={ref} is a {source_entry} checkpoint; "
+                                  f"{given.entry_point} cannot start from its weights")
+        stored, defaults = ckpt["config"], {f.name: f.default for f in cls.fields()}
+        adopted = {}
+        for name in cls.architecture:
+            if name not in stored or stored[name] == getattr(given, name):
+                continue
+            if getattr(given, name) != defaults[name]:
+                raise ConfigError(f"{name}={getattr(given, name)} conflicts with init_from={ref}, "
+                                  f"whose weights have {name}={stored[name]} (leave {name} out "
+                                  "to take it from there)")
+            adopted[name] = stored[name]
+        if adopted:
+            log.info("init_from %s: %s", where, ", ".join(f"{k}={v}" for k, v in adopted.items()))
+            self.config = cls.from_dict({**given.to_dict(), **adopted})
+            self.recipe = recipe_for(self.config)
+        return ckpt
+
     # -- training ----------------------------------------------------------------------------
     def _train(self, run_id: str, ckpt: dict | None) -> None:
         config = self.config
@@ -273,7 +310,7 @@ class Trainer:
                             "larger --max-steps or --epochs to train it further", run_id, done)
                 return
         elif config.init_from:
-            init_weights(model, config.init_from)
+            init_weights(model, config.init_from, getattr(self, "init_ckpt", None))
             self.logger.set_tags({"init_from": config.init_from})
         else:
             recipe.initialise(model)
@@ -543,9 +580,10 @@ def _version() -> str:
     return __version__
 
 
-def init_weights(model: nn.Module, ref: str) -> None:
+def init_weights(model: nn.Module, ref: str, ckpt: dict | None = None) -> None:
     """Load another run's (or file's) weights to fine-tune from them (e.g. a new lmbda)."""
-    ckpt, _ = checkpoints.load_ref(ref, "best")
+    if ckpt is None:
+        ckpt, _ = checkpoints.load_ref(ref, "best")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:

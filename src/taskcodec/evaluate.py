@@ -10,6 +10,7 @@ codecs whose base has a probe or a synthesis head).
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from taskcodec import tracking
 from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, load_codec
 from taskcodec.config import EvalConfig
 from taskcodec.data import build_dataset
+from taskcodec.data.base import check_plain_split
 from taskcodec.data.transforms import pad_to_multiple
 from taskcodec.metrics import bpp_from_bytes, bpp_from_likelihoods, ms_ssim, psnr
 
@@ -235,6 +237,56 @@ def _data_source(config: EvalConfig, codec: LoadedCodec) -> str:
     return config.data or str(codec.config.get("data") or "embedded")
 
 
+class DataDigest:
+    """A content digest of the evaluated images (their pixels, in order): the same images give
+    the same digest wherever they are stored, so runs on different data are never mixed."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.count = 0
+
+    def add(self, image: torch.Tensor) -> None:
+        pixels = image.detach().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+        self._hash.update(repr(tuple(pixels.shape)).encode())
+        self._hash.update(pixels.numpy().tobytes())
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()[:16]
+
+
+def data_name(source: str) -> str:
+    """A short name of a data source: a path's last part (kodak for ~/data/kodak/)."""
+    kind, sep, rest = source.partition(":")
+    path = rest if sep and kind in ("coco", "cityscapes") else source
+    return Path(path.rstrip("/")).name.split(".")[0] or source if "/" in path else source
+
+
+def data_info(source: str, split: str, digest: DataDigest) -> dict[str, Any]:
+    return {"data": source, "data_name": data_name(source), "split": split,
+            "images": digest.count, "data_digest": digest.hexdigest()}
+
+
+def describe_data(info: dict[str, Any]) -> str:
+    """The line above the table: what was measured."""
+    count = info["images"]
+    return (f"{count} image{'' if count == 1 else 's'} of {info['data']} (split {info['split']}, "
+            f"digest {info['data_digest']})")
+
+
+def _log_dataset_input(info: dict[str, Any]) -> None:
+    """The data set as the run's MLflow dataset input (shown in the UI's Datasets column)."""
+    import mlflow
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    source = CodeDatasetSource({"data": info["data"], "split": info["split"]})
+    dataset = MetaDataset(source, name=f"{info['data_name']}-{info['split']}",
+                          digest=info["data_digest"])
+    mlflow.log_input(dataset, context="evaluation",
+                     tags={"images": str(info["images"]), "split": info["split"]})
+
+
 def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[dict], dict]:
     from statistics import mean as average
 
@@ -248,7 +300,9 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     task = codec.task
     target = codec.model_args.get("target", "")
     # Both layers are scored: the base on its task, a segmentation enhancement on masks.
-    dataset = build_task_dataset(_data_source(config, codec), config.split,
+    source = _data_source(config, codec)
+    split = check_plain_split("val" if config.split == "auto" else config.split, source)
+    dataset = build_task_dataset(_data_source(config, codec), split,
                                  task=(task, "segmentation") if target == "segmentation" else task,
                                  size=int(codec.config.get("image_size", 128)),
                                  seed=int(codec.config.get("seed", 0)))
@@ -259,8 +313,10 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
                                                   int(codec.model_args["num_classes"]))
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
     rows, originals, previews = [], [], []
+    digest = DataDigest()
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
         image, sample_target = dataset[i]
+        digest.add(image)
         rows.append({"index": i, **evaluate_task_sample(codec, image, sample_target, evaluators,
                                                         previews)})
         originals.append(image)
@@ -273,20 +329,28 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     if "enhancement" in evaluators:
         summary.update(evaluators["enhancement"].result())
     return summary, rows, {"task": task, "target": target,
-                           "previews": (originals[:len(previews)], previews)}
+                           "previews": (originals[:len(previews)], previews),
+                           "data": data_info(_data_source(config, codec), split, digest)}
 
 
 def _evaluate_images(config: EvalConfig, codec: LoadedCodec
-                     ) -> tuple[dict, list[ImageResult], list, list]:
+                     ) -> tuple[dict, list[ImageResult], list, list, dict]:
     from tqdm import tqdm
 
     from taskcodec.engine import progress_enabled
 
-    dataset = build_dataset(_data_source(config, codec), config.split, max_side=config.max_side)
+    source = _data_source(config, codec)
+    # Scenes have no native size: render them as the codec saw them in its own validation,
+    # which is also what the scalable runs of the same size are measured on.
+    scenes = {"patch_size": int(codec.config.get("patch_size", 256)),
+              "seed": int(codec.config.get("seed", 0))} if source == "scenes" else {}
+    dataset = build_dataset(source, config.split, max_side=config.max_side, **scenes)
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
     results, originals, recons = [], [], []
+    digest = DataDigest()
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
         x = dataset[i]
+        digest.add(x)
         result, x_hat = evaluate_image(codec, x, i)
         results.append(result)
         originals.append(x)
@@ -294,7 +358,8 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec
     summary = summarize(results)
     if config.jpeg:
         summary.update(jpeg_reference(originals, [r.bpp for r in results]))
-    return summary, results, originals, recons
+    info = data_info(_data_source(config, codec), getattr(dataset, "split", config.split), digest)
+    return summary, results, originals, recons, info
 
 
 def _write_rows(rows: list[dict], path: Path) -> Path:
@@ -314,14 +379,15 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     uri = tracking.tracking_uri()
     tracking.check_reachable(uri)
     mlflow.set_tracking_uri(uri)
+    if mlflow.active_run() is None:
+        tracking.check_run_destination(uri)  # before the work, not when logging its results
     codec = load_codec(config.checkpoint, config.which)
     stored = codec.config
-    params = {"codec": codec.name, "checkpoint": config.checkpoint, "which": config.which,
-              "data": _data_source(config, codec), "split": config.split}
+    params = {"codec": codec.name, "checkpoint": config.checkpoint, "which": config.which}
     tags = {"codec": codec.name, "entry_point": "evaluate", "kind": codec.kind,
             "checkpoint_fingerprint": codec.fingerprint, **tracking.environment_tags()}
     if codec.kind == "codec":
-        summary, results, originals, recons = _evaluate_images(config, codec)
+        summary, results, originals, recons, data = _evaluate_images(config, codec)
         rows = [{k: getattr(r, k) for k in ImageResult.__dataclass_fields__} for r in results]
         params.update({"lmbda": stored.get("lmbda"), "N": stored.get("N"), "M": stored.get("M"),
                        "metric": stored.get("metric")})
@@ -329,6 +395,7 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     else:
         summary, rows, info = _evaluate_task(config, codec)
         originals, recons = info["previews"]  # what the base layer alone shows
+        data = info["data"]
         base_config = codec.model_args.get("base", {})
         params.update({"alpha": stored.get("alpha"), "N": stored.get("N"), "M": stored.get("M")})
         tags.update({"task": info["task"], "layer": codec.kind, "alpha": str(stored.get("alpha")),
@@ -347,19 +414,20 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         else:
             tags.update({"method": f"base-{info['task']}-beta{float(stored.get('beta', 0)):g}",
                          "beta": str(stored.get("beta", ""))})
-    params["images"] = len(rows)
+    params.update({k: data[k] for k in ("data", "split", "images", "data_digest")})
+    tags.update({"data_name": data["data_name"], "data_digest": data["data_digest"]})
     evaluated_run = config.checkpoint if len(config.checkpoint) == 32 else ""
     if evaluated_run:
         tags["evaluated_run_id"] = evaluated_run
     active = mlflow.active_run()
     started = active is None
     if started:
-        mlflow.set_experiment(tracking.experiment_name())
-        active = mlflow.start_run(run_name=config.run_name or None)
+        active = tracking.start_run(config.run_name)
     try:
         already = mlflow.tracking.MlflowClient(uri).get_run(active.info.run_id).data.params
         mlflow.log_params({k: v for k, v in params.items() if k not in already})
         mlflow.set_tags(tags)
+        _log_dataset_input(data)
         mlflow.log_metrics({k: v for k, v in summary.items() if v == v})  # NaN is not logged
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(out_dir) if out_dir else Path(tmp)
@@ -373,4 +441,4 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         if started:
             mlflow.end_run()
     return {"run_id": active.info.run_id, "summary": summary, "results": rows,
-            "codec": codec.name, "kind": codec.kind}
+            "codec": codec.name, "kind": codec.kind, "data": data}

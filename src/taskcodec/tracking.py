@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from taskcodec.errors import TrackingError
+from taskcodec.mlflow_plugin import DEFAULT_EXPERIMENT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXPERIMENT = "taskcodec"
 # MLflow's own HTTP retries block for minutes; our logger retries in the background instead.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -47,6 +47,77 @@ def tracking_uri() -> str:
 
 def experiment_name() -> str:
     return os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT
+
+
+def check_artifact_location(location: str, experiment: str, uri: str) -> None:
+    """Refuse, in one line with its fix, an artifact location this process cannot write to.
+
+    The usual case: ``mlflow ui`` / ``mlflow server`` created the sqlite store, so an
+    experiment keeps its artifacts at ``mlflow-artifacts:/ID``, which only that server can
+    write, while runs go straight to the sqlite file: every checkpoint upload would fail after
+    training. Checked when a run starts, not found out at its end.
+    """
+    from urllib.parse import urlsplit
+
+    if location.startswith("mlflow-artifacts:") and not uri.startswith(("http://", "https://")):
+        raise TrackingError(
+            f"experiment {experiment!r} keeps its artifacts at {location}, which only an MLflow "
+            f"server can write, but runs go straight to {uri}: start the server (make "
+            "mlflow-ui) and set MLFLOW_TRACKING_URI=http://127.0.0.1:5000, or name another "
+            "experiment with MLFLOW_EXPERIMENT_NAME (a new one keeps artifacts in ./mlruns)")
+    parts = urlsplit(location)
+    if parts.scheme not in ("", "file"):
+        return
+    folder = Path(parts.path if parts.scheme else location)
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not (existing.is_dir() and os.access(existing, os.W_OK)):
+        raise TrackingError(f"experiment {experiment!r} keeps its artifacts at {location}, "
+                            f"but {existing} is not a writable folder: fix it or name "
+                            "another experiment with MLFLOW_EXPERIMENT_NAME")
+
+
+def check_run_artifacts(run_id: str, uri: str) -> None:
+    """:func:`check_artifact_location` for a run that exists (one ``mlflow run`` created)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id)
+    check_artifact_location(run.info.artifact_uri, experiment.name, uri)
+
+
+def check_experiment_artifacts(name: str, uri: str) -> None:
+    """:func:`check_artifact_location` for the experiment a new run will go to, if it exists."""
+    from mlflow.tracking import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    if experiment is not None:
+        check_artifact_location(experiment.artifact_location, name, uri)
+
+
+def check_run_destination(uri: str) -> None:
+    """Check, before any work, where :func:`start_run` will put the run's artifacts."""
+    run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
+    if run_id:
+        check_run_artifacts(run_id, uri)
+    else:
+        check_experiment_artifacts(experiment_name(), uri)
+
+
+def start_run(run_name: str = ""):
+    """Start (or, under ``mlflow run``, take over) this process's MLflow run.
+
+    ``mlflow run`` creates the run and names it in ``$MLFLOW_RUN_ID``: that run is used as it
+    is, in whatever experiment it was created (setting ours first would make MLflow refuse it
+    as belonging to another experiment).
+    """
+    import mlflow
+
+    run_id = os.environ.get("MLFLOW_RUN_ID", "").strip()
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    mlflow.set_experiment(experiment_name())
+    return mlflow.start_run(run_name=run_name or None)
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:

@@ -51,6 +51,10 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
               metavar="[BOOL]",
               help="add the JPEG points evaluate measured next to each run as a curve "
                    "[default: false]")
+@click.option("--mix-data", is_flag=False, flag_value="true", default="false", type=click.BOOL,
+              metavar="[BOOL]",
+              help="put runs evaluated on different data sets (by content digest) into the "
+                   "same curves [default: false: a curve per data set]")
 @click.option("--bd-method", type=click.Choice(["pchip", "cubic"]), default="pchip",
               show_default=True,
               help="BD interpolation: piecewise cubic Hermite, or the classic cubic fit")
@@ -62,7 +66,8 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--run-name", default="", metavar="NAME", help="name of the comparison run")
 def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags: dict[str, str],
             group_by: str, anchor: str, metrics: tuple[str, ...], references: tuple[str, ...],
-            jpeg: bool, bd_method: str, rate: str, output_dir: str, run_name: str) -> None:
+            jpeg: bool, mix_data: bool, bd_method: str, rate: str, output_dir: str,
+            run_name: str) -> None:
     """Compare runs as rate-distortion curves: RD plots and BD-rate / BD-metric tables.
 
     Evaluate runs are grouped into curves (by the method tag unless --group-by says
@@ -72,6 +77,8 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
     least 4 points per curve and overlapping curves; otherwise the table says why. With
     curves of paper 1's lower and upper baselines (--group-by method: "lower", "upper"),
     every other curve of their group also gets paper 1's ratio (share of the ideal gain).
+    Runs evaluated on different data sets are never one curve (names end in "@ DATA")
+    unless --mix-data.
 
     \b
     Examples:
@@ -90,7 +97,7 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
         experiment=experiment.strip(), filter_string=filter_string.strip(),
         run_ids=_split(run_ids), tags=tags, group_by=group_by, anchor=anchor.strip(),
         metrics=_split(metrics), references=tuple(r for r in references if r.strip()),
-        jpeg=jpeg, bd_method=bd_method, rate=rate.strip(),
+        jpeg=jpeg, mix_data=mix_data, bd_method=bd_method, rate=rate.strip(),
         output_dir=Path(output_dir) if output_dir.strip() else None, run_name=run_name)
     result = run_comparison(options)
     click.echo(result.text)

@@ -130,9 +130,13 @@ def evaluate(config: EvalConfig, output_dir: Path | None) -> None:
     Examples:
       taskcodec evaluate --checkpoint RUN_ID
       taskcodec evaluate --checkpoint checkpoints/RUN_ID/best.pt --data ~/data/kodak
+      taskcodec evaluate --checkpoint RUN_ID --data ~/data/clic --split test
+
+    A folder without train/val/test subfolders is evaluated whole (Kodak: all 24 images);
+    the table's first line says how many images of which data (with a content digest).
     """
+    from taskcodec.evaluate import describe_data, format_table
     from taskcodec.evaluate import evaluate as run_evaluation
-    from taskcodec.evaluate import format_table
 
     result = run_evaluation(config, output_dir)
     rows = [(result["codec"], result["summary"])]
@@ -140,6 +144,7 @@ def evaluate(config: EvalConfig, output_dir: Path | None) -> None:
     if "jpeg_bpp" in summary:
         rows.append(("JPEG (Pillow), nearest bpp",
                      {k: summary[f"jpeg_{k}"] for k in ("bpp", "psnr", "ms_ssim")}))
+    click.echo(describe_data(result["data"]))
     click.echo(format_table(rows))
     click.echo(f"MLflow run: {result['run_id']}")
 

@@ -18,15 +18,25 @@ import torch
 from torch.utils.data import Dataset
 
 from taskcodec.data.transforms import crop_box, parse_patch_size, to_float
-from taskcodec.errors import DataError
+from taskcodec.errors import ConfigError, DataError
 
 SPLITS = ("train", "val")
+#: What a folder of images can also be asked for, for evaluation: its test/ folder, or every image.
+FOLDER_SPLITS = ("train", "val", "test", "all")
 MIN_EPOCH_LENGTH = 64  # crops per epoch for tiny sets, so an "epoch" is a useful unit of work
 
 
-def check_split(split: str) -> str:
+def check_split(split: str, allowed: tuple[str, ...] = SPLITS) -> str:
+    if split not in allowed:
+        raise ValueError(f'Invalid split "{split}", should be one of: {", ".join(allowed)}')
+    return split
+
+
+def check_plain_split(split: str, source: str) -> str:
+    """A data set other than a folder has train and val only: "test"/"all" are one line."""
     if split not in SPLITS:
-        raise ValueError(f'Invalid split "{split}", should be "train" or "val"')
+        raise ConfigError(f'split "{split}" is for folders of images; {source} has the splits '
+                          "train and val")
     return split
 
 
@@ -83,7 +93,7 @@ class ImageDataset(Dataset):
         _check_count("epoch_length", epoch_length, minimum=0)
         self.names = list(names)
         self.source = source
-        self.split = check_split(split)
+        self.split = check_split(split, FOLDER_SPLITS)
         self.crop = bool(crop)
         self.patch_size = parse_patch_size(patch_size)
         self.seed = seed

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from taskcodec.data.base import ImageDataset, check_split
+from taskcodec.data.base import FOLDER_SPLITS, ImageDataset, check_plain_split, check_split
 from taskcodec.data.cityscapes import Cityscapes, check_scale
 from taskcodec.data.coco import CocoDetection
 from taskcodec.data.embedded import DEFAULT_MAX_SIDE, EmbeddedImages
@@ -48,7 +48,8 @@ def build_dataset(
     crop: bool | None = None,
     cache_mb: int = 0,
 ) -> Dataset:
-    """The ``split`` (``"train"`` or ``"val"``) of ``source``.
+    """The ``split`` (``"train"`` or ``"val"``; for folders also ``"test"``, ``"all"``,
+    ``"auto"``: see :class:`ImageFolder`) of ``source``.
 
     ``source`` is ``"embedded"`` (scikit-image's photographs; write ``./embedded`` for a folder
     of that name), ``"scenes"`` (the procedural scenes' images, rendered at ``patch_size``;
@@ -61,15 +62,15 @@ def build_dataset(
     them); ``cache_mb`` keeps that many megabytes of a folder's decoded images in memory
     (embedded images are always kept). ``epoch_length`` of ``None`` or ``0`` means ``max(images, 64)`` crops per epoch.
     """
-    check_split(split)
+    check_split(split, (*FOLDER_SPLITS, "auto"))
     if not isinstance(source, str) or not source:
         raise ValueError(f"Invalid data source {source!r}, should be 'embedded' or a path")
     common = dict(patch_size=patch_size, seed=seed, epoch_length=epoch_length, hflip=hflip,
                   crop=crop)
-    if source == EMBEDDED:
-        return EmbeddedImages(split, max_side=max_side, **common)
-    if source == SCENES:
-        return SceneImages(split, **common)
+    if source in (EMBEDDED, SCENES):
+        split = check_plain_split("val" if split == "auto" else split, source)
+        return (EmbeddedImages(split, max_side=max_side, **common) if source == EMBEDDED
+                else SceneImages(split, **common))
     return ImageFolder(source, split, skip_bad=skip_bad, cache_mb=cache_mb, **common)
 
 

@@ -2,12 +2,14 @@
 
 Where the splits come from:
 
-* ``root/train/`` and ``root/val/`` (or ``root/test/``) both exist: they are the splits, as in
-  CompressAI's ``ImageFolder``;
+* ``root/train/``, ``root/val/`` or ``root/test/`` exist: they are the splits, as in
+  CompressAI's ``ImageFolder`` (``val`` falls back to ``test/``; a folder with only ``test/``
+  serves evaluation); asking for a split whose folder is missing is an error naming it;
 * otherwise every image under ``root`` is listed (recursively, sorted by relative path) and
   the 1st, 11th, 21st, ... (index ``i % 10 == 0``) go to validation, the rest to training.
   With two images or more each split has at least one; a single image serves both splits
-  (with a warning), which is handy for overfitting a codec on one picture.
+  (with a warning), which is handy for overfitting a codec on one picture. ``test`` and
+  ``all`` of such a folder are every image: evaluation on Kodak measures all 24.
 
 Files are recognised by extension (:data:`IMAGE_SUFFIXES`, any case); hidden files and
 folders (``.name``, such as macOS's ``._photo.jpg``) and ``__MACOSX`` are ignored. Pixels are
@@ -27,7 +29,7 @@ import torch
 from PIL import Image
 
 from taskcodec.data.archive import ARCHIVE_SUFFIXES, extract, is_archive
-from taskcodec.data.base import ImageDataset, check_split
+from taskcodec.data.base import FOLDER_SPLITS, ImageDataset, check_split
 from taskcodec.data.transforms import downscale, to_rgb, to_uint8_tensor
 from taskcodec.errors import DataError
 
@@ -71,25 +73,45 @@ def _no_images(where: str) -> DataError:
     return DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {where}")
 
 
+def _split_folders(folder: Path) -> dict[str, Path]:
+    return {name: folder / name for name in ("train", "val", "test") if (folder / name).is_dir()}
+
+
+def resolve_split(folder: Path, split: str) -> str:
+    """``auto`` (what evaluation asks for): ``test``, else ``val``, of a folder with split
+    subfolders; every image (``all``) of a folder without them."""
+    if split != "auto":
+        return split
+    dirs = _split_folders(folder)
+    return "test" if "test" in dirs else "val" if dirs else "all"
+
+
 def find_files(root: Path, folder: Path, split: str) -> tuple[list[Path], str]:
     """The image files of ``split`` under ``folder`` (``root`` is what the user named) and a
     few words on how the split was made."""
-    train_dir = folder / "train"
-    val_dir = next((folder / d for d in ("val", "test") if (folder / d).is_dir()), None)
+    dirs = _split_folders(folder)
     label = str(root) if root == folder else f"archive {root}"
-    if train_dir.is_dir() and val_dir is not None:
-        split_dir = train_dir if split == "train" else val_dir
-        files = list_images(split_dir)
+    if dirs:
+        if split == "all":
+            picked = list(dirs.values())
+        else:
+            # CompressAI's layout: val/ or, failing that, test/ is the validation split.
+            wanted = ("val", "test") if split == "val" else (split,)
+            picked = [dirs[name] for name in wanted if name in dirs][:1]
+        if not picked:
+            raise DataError(f"{label} has no {split}/ folder (it has "
+                            f"{', '.join(d + '/' for d in dirs)}); add it or choose a split "
+                            "that exists")
+        files = [f for d in picked for f in list_images(d)]
         if not files:
-            raise _no_images(f"{label} ({split_dir.name}/)")
-        return files, f"{split_dir.name}/ folder"
-    if train_dir.is_dir() or val_dir is not None:
-        present = "train/" if train_dir.is_dir() else f"{val_dir.name}/"  # type: ignore[union-attr]
-        raise DataError(f"{label} has a {present} folder but not both train/ and val/ (or "
-                        "test/); add the missing one or move the images out of it")
+            raise _no_images(f"{label} ({', '.join(d.name + '/' for d in picked)})")
+        return files, (" + ".join(f"{d.name}/" for d in picked)
+                       + (" folders" if len(picked) > 1 else " folder"))
     files = list_images(folder)
     if not files:
         raise _no_images(label)
+    if split in ("all", "test"):  # a folder without splits is one set, e.g. Kodak's 24 images
+        return files, "every image (no split folders)"
     if len(files) == 1:
         warnings.warn(f"only one image in {label}: it is used for both train and val",
                       stacklevel=3)
@@ -102,7 +124,9 @@ class ImageFolder(ImageDataset):
     Args:
         root: a folder, or an archive unpacked once into the cache
             (see :func:`taskcodec.data.archive.cache_root`).
-        split: ``"train"`` or ``"val"`` (see the module docstring for where they come from).
+        split: ``"train"`` or ``"val"`` (see the module docstring for where they come from),
+            ``"test"`` (the test/ folder), ``"all"`` (every image) or ``"auto"`` (see
+            :func:`resolve_split`); a folder without split folders is all test images.
         max_side: downscale so the longer side is at most this; ``None`` (default) keeps the
             full resolution, so results on standard sets (Kodak, CLIC) stay comparable.
         crop: random crops if true, whole images if false; default: crops for ``"train"``.
@@ -131,7 +155,7 @@ class ImageFolder(ImageDataset):
         if max_side is not None and (not isinstance(max_side, int) or isinstance(max_side, bool)
                                      or max_side < 1):
             raise ValueError(f"Invalid max_side {max_side!r}, should be a positive int or None")
-        check_split(split)
+        check_split(split, (*FOLDER_SPLITS, "auto"))
         root = Path(root).expanduser()
         if not root.exists():
             raise DataError(f"data set path does not exist: {root}")
@@ -141,6 +165,7 @@ class ImageFolder(ImageDataset):
             folder = root
         else:
             raise DataError(f"not a folder or an archive ({', '.join(ARCHIVE_SUFFIXES)}): {root}")
+        split = resolve_split(folder, split)
         files, self.layout = find_files(root, folder, split)
         super().__init__([str(f) for f in files], source=str(root), split=split,
                          crop=split == "train" if crop is None else crop,
