@@ -741,6 +741,9 @@ def test_evaluate_logs_the_rate_of_each_layer_and_both_tasks(runs, mlflow_server
         "task": "detection", "base_run_id": runs.base, "evaluated_run_id": runs.enhancement,
         "beta": "0.0"}
     assert run.data.params["images"] == "2"
+    # replicates are grouped by seed and paired on the data seed: both logged
+    assert {k: (tags[k], run.data.params[k]) for k in ("seed", "data_seed")} == {
+        "seed": ("0", "0"), "data_seed": ("0", "0")}
 
 
 @pytest.mark.slow

@@ -165,3 +165,19 @@ def test_plain_codecs_get_scene_images_from_build_dataset():
     assert len(val) == 16 and val[0].shape == (3, 64, 64)
     scene = ScenesDataset("val", size=64, length=16).scene(0)
     assert torch.equal(val[0], torch.from_numpy(scene.image).permute(2, 0, 1).float() / 255)
+
+
+def test_seed_leaves_the_validation_set_alone_and_data_seed_changes_it():
+    from taskcodec.config import BaseConfig, TrainConfig
+    from taskcodec.recipes import recipe_for
+
+    def val_images(config):
+        _, val = recipe_for(config).datasets()
+        first = val[0]
+        return first[0] if isinstance(first, tuple) else first
+
+    for kind, extra in ((BaseConfig, {"task": "depth", "image_size": SIZE}),
+                        (TrainConfig, {"patch_size": SIZE})):
+        a = val_images(kind(data="scenes", seed=1, **extra))
+        assert torch.equal(a, val_images(kind(data="scenes", seed=2, **extra))), kind
+        assert not torch.equal(a, val_images(kind(data="scenes", seed=1, data_seed=3, **extra)))

@@ -193,7 +193,10 @@ class LoopConfig(Config):
     val_every: int = opt(1, "validate every this many epochs", min=1)
     max_val_images: int = opt(0, "validate on at most this many images (0: all)", min=0)
     num_workers: int = opt(0, "data loader worker processes", min=0, max=64)
-    seed: int = opt(0, "random seed", min=0)
+    seed: int = opt(0, "seeds the model's initialisation and the training order (crops, "
+                    "flips, shuffling); replicates differ in it", min=0)
+    data_seed: int = opt(0, "seeds the procedural scenes (training and validation sets), so "
+                         "runs of different --seed see the same data", min=0)
     device: str = opt("auto", "auto (cuda when available), cpu or cuda",
                       choices=("auto", "cpu", "cuda"))
     log_every: int = opt(10, "log training losses every this many steps", min=1)
@@ -454,6 +457,9 @@ class EvalConfig(Config):
                      "scenes, coco, cityscapes), train, val, test or all",
                      choices=("auto", "train", "val", "test", "all"))
     max_images: int = opt(0, "evaluate at most this many images (0: all)", min=0)
+    data_seed: int = opt(-1, "procedural scenes: data seed of the evaluated set (-1: the "
+                         "checkpoint's own, i.e. its validation set; another value gives "
+                         "images distinct from those that selected the checkpoint)", min=-1)
     max_side: int = opt(512, "downscale embedded images so the longer side is at most this",
                         min=64, max=8192)
     jpeg: bool = opt(True, "also measure JPEG (Pillow) at the nearest bpp as a reference")

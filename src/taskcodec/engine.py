@@ -188,6 +188,8 @@ class Trainer:
         self.logger.log_params({k: v for k, v in self.config.to_params().items()
                                 if k not in already})
         self.logger.set_tags({**self.recipe.tags(), "entry_point": self.config.entry_point,
+                              "seed": str(self.config.seed),
+                              "data_seed": str(self.config.data_seed),
                               **tracking.environment_tags()})
         if self.resumed_with:  # params are immutable in MLflow: the new values go in tags
             self.logger.set_tags({f"resumed.{k}": str(v) for k, v in self.resumed_with.items()})

@@ -237,6 +237,15 @@ def _data_source(config: EvalConfig, codec: LoadedCodec) -> str:
     return config.data or str(codec.config.get("data") or "embedded")
 
 
+def data_seed_of(config: EvalConfig, codec: LoadedCodec) -> int:
+    """The data seed of the evaluated scenes: ``config.data_seed``, else the checkpoint's own
+    (a checkpoint from before ``data_seed`` existed drew its scenes from ``seed``)."""
+    if config.data_seed >= 0:
+        return config.data_seed
+    stored = codec.config
+    return int(stored.get("data_seed", stored.get("seed", 0)))
+
+
 class DataDigest:
     """A content digest of the evaluated images (their pixels, in order): the same images give
     the same digest wherever they are stored, so runs on different data are never mixed."""
@@ -305,7 +314,7 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     dataset = build_task_dataset(_data_source(config, codec), split,
                                  task=(task, "segmentation") if target == "segmentation" else task,
                                  size=int(codec.config.get("image_size", 128)),
-                                 seed=int(codec.config.get("seed", 0)))
+                                 data_seed=data_seed_of(config, codec))
     evaluators = {"base": TaskEvaluator(task, int(base_args["num_classes"]),
                                         str(base_args.get("depth_target", "depth")))}
     if target == "segmentation":
@@ -343,7 +352,7 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec
     # Scenes have no native size: render them as the codec saw them in its own validation,
     # which is also what the scalable runs of the same size are measured on.
     scenes = {"patch_size": int(codec.config.get("patch_size", 256)),
-              "seed": int(codec.config.get("seed", 0))} if source == "scenes" else {}
+              "data_seed": data_seed_of(config, codec)} if source == "scenes" else {}
     dataset = build_dataset(source, config.split, max_side=config.max_side, **scenes)
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
     results, originals, recons = [], [], []
@@ -383,8 +392,12 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         tracking.check_run_destination(uri)  # before the work, not when logging its results
     codec = load_codec(config.checkpoint, config.which)
     stored = codec.config
-    params = {"codec": codec.name, "checkpoint": config.checkpoint, "which": config.which}
+    # Replicates are grouped by seed and paired on the data: both are logged.
+    seeds = {"seed": int(stored.get("seed", 0)), "data_seed": data_seed_of(config, codec)}
+    params = {"codec": codec.name, "checkpoint": config.checkpoint, "which": config.which,
+              **seeds}
     tags = {"codec": codec.name, "entry_point": "evaluate", "kind": codec.kind,
+            **{k: str(v) for k, v in seeds.items()},
             "checkpoint_fingerprint": codec.fingerprint, **tracking.environment_tags()}
     if codec.kind == "codec":
         summary, results, originals, recons, data = _evaluate_images(config, codec)

@@ -130,9 +130,10 @@ class CodecRecipe(Recipe):
 
         c = self.config
         train = build_dataset(c.data, "train", patch_size=c.patch_size, seed=c.seed,
-                              max_side=c.max_side, skip_bad=c.skip_bad,
+                              data_seed=c.data_seed, max_side=c.max_side, skip_bad=c.skip_bad,
                               epoch_length=c.epoch_length or None, cache_mb=c.cache_mb)
-        val = build_dataset(c.data, "val", seed=c.seed, max_side=c.max_side, skip_bad=c.skip_bad)
+        val = build_dataset(c.data, "val", seed=c.seed, data_seed=c.data_seed,
+                            max_side=c.max_side, skip_bad=c.skip_bad)
         return train, val
 
     def losses(self, model, batch, device):
@@ -172,9 +173,9 @@ def _task_datasets(config: BaseConfig | EnhancementConfig, task: str):
     extra = {"length": config.epoch_length} if config.data == "scenes" and config.epoch_length \
         else {}
     train = build_task_dataset(config.data, "train", task=task, size=config.image_size,
-                               seed=config.seed, **extra)
+                               seed=config.seed, data_seed=config.data_seed, **extra)
     val = build_task_dataset(config.data, "val", task=task, size=config.image_size,
-                             seed=config.seed)
+                             seed=config.seed, data_seed=config.data_seed)
     return train, val
 
 

@@ -41,6 +41,7 @@ def build_dataset(
     *,
     patch_size: int | tuple[int, int] = 256,
     seed: int = 0,
+    data_seed: int = 0,
     max_side: int | None = DEFAULT_MAX_SIDE,
     skip_bad: bool = False,
     epoch_length: int | None = None,
@@ -59,7 +60,8 @@ def build_dataset(
 
     ``max_side`` applies to the embedded images only: folders keep their full resolution so
     that results on standard sets stay comparable (use :class:`ImageFolder` directly to shrink
-    them); ``cache_mb`` keeps that many megabytes of a folder's decoded images in memory
+    them); ``seed`` seeds the crops and flips, ``data_seed`` the scenes themselves;
+    ``cache_mb`` keeps that many megabytes of a folder's decoded images in memory
     (embedded images are always kept). ``epoch_length`` of ``None`` or ``0`` means ``max(images, 64)`` crops per epoch.
     """
     check_split(split, (*FOLDER_SPLITS, "auto"))
@@ -70,7 +72,7 @@ def build_dataset(
     if source in (EMBEDDED, SCENES):
         split = check_plain_split("val" if split == "auto" else split, source)
         return (EmbeddedImages(split, max_side=max_side, **common) if source == EMBEDDED
-                else SceneImages(split, **common))
+                else SceneImages(split, data_seed=data_seed, **common))
     return ImageFolder(source, split, skip_bad=skip_bad, cache_mb=cache_mb, **common)
 
 
@@ -81,6 +83,7 @@ def build_task_dataset(
     task: str | tuple[str, ...] | list[str],
     size: int | tuple[int, int] | None = None,
     seed: int = 0,
+    data_seed: int = 0,
     **kw,
 ) -> Dataset:
     """The ``split`` (``"train"`` or ``"val"``) of a multi-task data set, for ``task``.
@@ -96,7 +99,8 @@ def build_task_dataset(
     most the scaled height); validation items of COCO and Cityscapes are whole images.
     Other keywords go to the data set: scenes ``length``, ``max_objects``; COCO
     ``min_side``, ``hflip``, ``skip_empty`` (default: for training), ``ann_file``;
-    Cityscapes ``scale`` (default 1), ``hflip``.
+    Cityscapes ``scale`` (default 1), ``hflip``. ``seed`` seeds the training crops and
+    flips of COCO and Cityscapes, ``data_seed`` the procedural scenes.
     """
     check_split(split)
     tasks = (task,) if isinstance(task, str) else tuple(task)
@@ -110,8 +114,8 @@ def build_task_dataset(
     train = split == "train"
     if kind == "scenes":
         _check_options(kind, kw, ("length", "max_objects"))
-        return ScenesDataset(split, size=DEFAULT_SIZE if size is None else size, seed=seed,
-                             **kw)
+        return ScenesDataset(split, size=DEFAULT_SIZE if size is None else size,
+                             seed=data_seed, **kw)
     if kind == "coco":
         _check_options(kind, kw, ("min_side", "hflip", "skip_empty", "ann_file"))
         crop = (size or DEFAULT_COCO_CROP) if train else None

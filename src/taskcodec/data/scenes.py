@@ -298,12 +298,13 @@ class SceneImages(ImageDataset):
 
     Each scene is rendered at the crop size when training (so the "crop" is the whole
     scene, plus an optional flip) and at ``patch_size`` for validation too: procedural
-    scenes have no native size. ``epoch_length`` is also the number of distinct scenes.
+    scenes have no native size. ``data_seed`` seeds the scenes, ``seed`` the flips.
+    ``epoch_length`` is also the number of distinct scenes.
     """
 
     def __init__(self, split: str = "train", *, patch_size: int | tuple[int, int] = 256,
                  seed: int = 0, epoch_length: int | None = None, hflip: bool = False,
-                 crop: bool | None = None) -> None:
+                 crop: bool | None = None, data_seed: int = 0) -> None:
         check_split(split)
         count = epoch_length or (DEFAULT_LENGTH["train"] if split == "train" else 16)
         super().__init__([f"scene{i}" for i in range(count)], source="scenes", split=split,
@@ -311,7 +312,7 @@ class SceneImages(ImageDataset):
                          patch_size=patch_size, seed=seed, epoch_length=epoch_length,
                          hflip=hflip)
         self._scenes = ScenesDataset(split, size=_parse_size(patch_size), length=count,
-                                     seed=seed)
+                                     seed=data_seed)  # the scenes; ``seed``: flips
 
     def _load(self, i: int) -> tuple[torch.Tensor, None]:
         image = self._scenes.scene(i).image
