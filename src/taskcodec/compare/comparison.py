@@ -1,0 +1,216 @@
+"""The whole ``taskcodec compare``: options, run selection, curves, BD tables, files, and the
+comparison run logged in MLflow."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from taskcodec.compare.bd import BDRow, _check_method, bd_table, pick_anchor
+from taskcodec.compare.curves import (
+    RATE,
+    Curve,
+    check_rate,
+    curves_from_runs,
+    data_label,
+    data_sets,
+    jpeg_curve,
+    load_reference,
+    parse_group_by,
+    shared_metrics,
+)
+from taskcodec.compare.report import format_bd, format_curves, markdown_bd, write_outputs
+from taskcodec.compare.selection import run_ids_tag, select_runs
+from taskcodec.errors import ConfigError
+
+
+@dataclass
+class CompareOptions:
+    """What ``taskcodec compare`` was asked for (see its --help)."""
+
+    experiment: str = ""  # default: $MLFLOW_EXPERIMENT_NAME or "taskcodec"
+    filter_string: str = ""
+    run_ids: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+    group_by: str = "method"
+    anchor: str = ""
+    metrics: tuple[str, ...] = ()
+    references: tuple[str, ...] = ()
+    jpeg: bool = False
+    mix_data: bool = False  # put runs evaluated on different data into one curve
+    bd_method: str = "pchip"
+    rate: str = RATE
+    output_dir: Path | None = None
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        _check_method(self.bd_method)
+        parse_group_by(self.group_by)
+        check_rate(self.rate)
+
+
+@dataclass
+class Comparison:
+    run_id: str
+    experiment_id: str
+    curves: list[Curve]
+    metrics: list[str]
+    anchor: str
+    rows: list[BDRow]
+    files: list[Path]
+    compared_run_ids: list[str]
+    text: str
+    ratios: list = field(default_factory=list)  # ideal_gain.RatioRow
+
+
+def _resolve_experiment(client, name: str):
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        known = [e.name for e in client.search_experiments()]
+        raise ConfigError(f"no experiment {name!r} at {client.tracking_uri} "
+                          f"(experiments: {', '.join(known) or 'none'})")
+    return experiment
+
+
+def build_curves(runs: Sequence, options: CompareOptions) -> list[Curve]:
+    """Run curves, then the reference files, then JPEG; names are unique."""
+    curves = curves_from_runs(runs, options.group_by, options.rate, mix_data=options.mix_data)
+    curves += [load_reference(p) for p in options.references]
+    if options.jpeg:
+        labels = data_sets(runs)
+        by_data = ([list(runs)] if options.mix_data or len(labels) == 1 else
+                   [[r for r in runs if data_label(r) == label] for label in labels])
+        jpegs = [jpeg_curve(group) for group in by_data]
+        if not any(jpegs):
+            raise ConfigError("--jpeg: none of the selected runs logged jpeg_bpp "
+                              "(evaluate them with --jpeg true)")
+        curves += [c if len(by_data) == 1 else
+                   Curve(f"{c.name} @ {data_label(group[0])}", c.points, c.source)
+                   for c, group in zip(jpegs, by_data) if c is not None]
+    seen: dict[str, int] = {}
+    unique = []
+    for c in curves:
+        seen[c.name] = seen.get(c.name, 0) + 1
+        unique.append(c if seen[c.name] == 1 else Curve(f"{c.name} ({seen[c.name]})", c.points,
+                                                         c.source))
+    return unique
+
+
+def choose_metrics(curves: Sequence[Curve], wanted: Sequence[str]) -> list[str]:
+    available = sorted(set().union(*(c.metric_names() for c in curves)))
+    if wanted:
+        missing = [m for m in wanted if m not in available]
+        if missing:
+            raise ConfigError(f"--metric {', '.join(missing)}: not logged by the compared runs "
+                              f"(available: {', '.join(available) or 'none'})")
+        return list(wanted)
+    metrics = shared_metrics(curves)
+    if not metrics:
+        raise ConfigError("the compared runs share no quality metric "
+                          f"(seen: {', '.join(available) or 'none'}); choose one with --metric")
+    return metrics
+
+
+def _log_run(client, experiment_id: str, files: Sequence[Path], options: CompareOptions, *,
+             experiment: str, anchor: str, metrics: Sequence[str], curves: int,
+             run_ids: Sequence[str], note: str) -> str:
+    """Log ``files`` under ``comparison/`` of a new run (or of the run ``mlflow run`` opened for
+    this entry point); only these files, whatever else the output folder holds.
+
+    BD values are artifacts and the run's description, not metrics: metrics of a comparison
+    run would add charts to the experiment's chart view, crowding out the bpp/PSNR scatter.
+    """
+    from mlflow.entities import Param, RunTag
+
+    from taskcodec import tracking
+
+    tags = {"comparison": "true", "entry_point": "compare", "compared_run_ids": run_ids_tag(run_ids),
+            "mlflow.note.content": note, **tracking.environment_tags()}
+    params = {"experiment": experiment, "filter": options.filter_string[:500],
+              "group_by": options.group_by, "anchor": anchor, "bd_method": options.bd_method,
+              "rate": options.rate,
+              "metrics": ",".join(metrics)[:500], "curves": curves, "compared_runs": len(run_ids),
+              "references": ",".join(Path(p).name for p in options.references)[:500],
+              "jpeg": str(options.jpeg).lower(), "mix_data": str(options.mix_data).lower()}
+    run_id = os.environ.get("MLFLOW_RUN_ID", "")
+    created = not run_id
+    if created:
+        run_id = client.create_run(experiment_id, run_name=options.run_name or None).info.run_id
+    status = "FAILED"
+    try:
+        already = client.get_run(run_id).data.params
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()
+                                         if k not in already],
+                         tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        for path in files:
+            client.log_artifact(run_id, str(path), "comparison")
+        status = "FINISHED"
+    finally:
+        if created:
+            with contextlib.redirect_stdout(sys.stderr):  # MLflow prints the run's URL on stdout
+                client.set_terminated(run_id, status)
+    return run_id
+
+
+def compare(options: CompareOptions) -> Comparison:
+    """Select runs, build curves, compute BD tables, write and log everything."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from taskcodec import tracking
+    from taskcodec.ideal_gain import format_ratios, ideal_gain_ratios, markdown_ratios
+
+    uri = tracking.tracking_uri()
+    tracking.check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    name = options.experiment or tracking.experiment_name()
+    if options.run_ids:
+        runs = select_runs(client, run_ids=options.run_ids, tags=options.tags)
+        experiment_id = (_resolve_experiment(client, options.experiment).experiment_id
+                         if options.experiment else runs[0].info.experiment_id if runs else "")
+    else:
+        experiment_id = _resolve_experiment(client, name).experiment_id
+        runs = select_runs(client, experiment_ids=[experiment_id],
+                           filter_string=options.filter_string, tags=options.tags)
+    runs = [r for r in runs if options.rate in r.data.metrics]
+    if not runs:
+        what = (f"runs {', '.join(options.run_ids)}" if options.run_ids
+                else f"experiment {name!r}" + (f" matching {options.filter_string!r}"
+                                               if options.filter_string else ""))
+        raise ConfigError(f"no run with a {options.rate} metric among {what} at {uri} "
+                          "(evaluate checkpoints first: taskcodec evaluate --checkpoint RUN_ID)")
+    curves = build_curves(runs, options)
+    metrics = choose_metrics(curves, options.metrics)
+    anchor = pick_anchor(curves, options.anchor or None)
+    rows = bd_table(curves, anchor, metrics, options.bd_method)
+    ratios = ideal_gain_ratios(curves, metrics, options.bd_method)
+    run_ids = sorted({r.info.run_id for r in runs})
+    text = "\n\n".join([format_curves(curves, metrics), format_bd(rows, anchor.name,
+                                                                   options.bd_method)]
+                        + ([format_ratios(ratios)] if ratios else []))
+    if len(data_sets(runs)) > 1:
+        text += (f"\n\nThe runs were evaluated on {len(data_sets(runs))} data sets "
+                 f"({', '.join(data_sets(runs))}): "
+                 + ("--mix-data put them into the same curves." if options.mix_data else
+                    "one curve per data set (--mix-data to group them anyway)."))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(options.output_dir) if options.output_dir else Path(tmp)
+        files = write_outputs(curves, metrics, rows, folder, anchor=anchor.name,
+                              method=options.bd_method, run_ids=run_ids, rate=options.rate,
+                              ratios=ratios)
+        (folder / "summary.txt").write_text(text + "\n")
+        files.append(folder / "summary.txt")
+        run_id = _log_run(client, experiment_id, files, options,
+                          experiment=name if not options.run_ids else options.experiment,
+                          anchor=anchor.name, metrics=metrics, curves=len(curves),
+                          run_ids=run_ids, note=markdown_bd(rows, anchor.name, options.bd_method)
+                          + ("\n\n" + markdown_ratios(ratios) if ratios else ""))
+        if not options.output_dir:
+            files = [Path("comparison") / f.name for f in files]  # only in MLflow now
+    return Comparison(run_id, experiment_id, curves, metrics, anchor.name, rows, files,
+                      run_ids, text, ratios)

@@ -1,0 +1,308 @@
+"""Points and curves: evaluate runs grouped into RD curves, JPEG points, published
+reference results."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taskcodec.config import higher_is_better
+from taskcodec.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+RATE = "bpp"
+JPEG_CURVE = "JPEG (Pillow)"
+
+# Logged next to the quality metrics but not quality: rates, timings, training values, JPEG.
+_NOT_QUALITY_PREFIXES = ("bpp", "jpeg_", "val_", "train_", "bd_", "system/")
+_NOT_QUALITY_SUFFIXES = ("_time", "_seconds", "loss", "_bytes")
+_NOT_QUALITY = frozenset({"epoch", "step", "lr", "aux_lr", "images", "rate"})
+_LABELS = {"psnr": "PSNR", "ms_ssim": "MS-SSIM", "map": "mAP", "miou": "mIoU",
+           "abs_rel": "AbsRel", "rmse": "RMSE", "accuracy": "Accuracy",
+           "top1": "Top-1 accuracy", "top5": "Top-5 accuracy"}
+
+
+def is_quality_metric(name: str) -> bool:
+    """Whether a logged metric measures quality (and can be a curve's y axis)."""
+    key = name.lower()
+    return not (key in _NOT_QUALITY or key.startswith(_NOT_QUALITY_PREFIXES)
+                or key.endswith(_NOT_QUALITY_SUFFIXES))
+
+
+def lower_is_better(name: str) -> bool:
+    return not higher_is_better(name)
+
+
+def metric_label(name: str) -> str:
+    """Axis label with unit, and the direction when smaller is better."""
+    label = _LABELS.get(name.lower(), name)
+    if metric_unit(name):
+        label += f" ({metric_unit(name)})"
+    return f"{label}, lower is better" if lower_is_better(name) else label
+
+
+def metric_unit(name: str) -> str:
+    return "dB" if name.lower().startswith("psnr") else ""
+
+
+# -- curves -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Point:
+    """One rate–quality point: an evaluate run, or one row of a published result."""
+
+    bpp: float
+    metrics: Mapping[str, float]
+    run_id: str = ""
+    label: str = ""  # what tells the points of a curve apart, e.g. "λ=0.0067"
+
+
+@dataclass(frozen=True)
+class Curve:
+    name: str
+    points: tuple[Point, ...]
+    source: str = "runs"  # runs | reference | jpeg
+
+    def metric_names(self) -> set[str]:
+        """Quality metrics of at least one point."""
+        return {m for p in self.points for m in p.metrics if is_quality_metric(m)}
+
+    def series(self, metric: str) -> tuple[list[float], list[float]]:
+        """(rates, values) of the points that have ``metric``, in rate order."""
+        pts = [(p.bpp, p.metrics[metric]) for p in self.points if metric in p.metrics]
+        return [r for r, _ in pts], [v for _, v in pts]
+
+
+def make_curve(name: str, points: Iterable[Point], source: str = "runs") -> Curve:
+    """A curve with its points ordered by rate (ties by run id, so the order is stable)."""
+    return Curve(name, tuple(sorted(points, key=lambda p: (p.bpp, p.run_id, p.label))), source)
+
+
+def _finite(values: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in values.items():
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(v):
+            out[k] = v
+    return out
+
+
+def group_value(run, keys: Sequence[str]) -> str:
+    """The curve a run belongs to: the run's tag, else its param, for each key (joined by /)."""
+    parts = []
+    for key in keys:
+        value = run.data.tags.get(key, run.data.params.get(key))
+        parts.append(value if value not in (None, "") else f"(no {key})")
+    return "/".join(parts)
+
+
+def _point_label(run) -> str:
+    lmbda = run.data.params.get("lmbda")
+    if lmbda not in (None, "", "None"):
+        return f"λ={lmbda}"
+    alpha = run.data.tags.get("alpha") or run.data.params.get("alpha")  # scalable: 1/lambda
+    if alpha not in (None, "", "None"):
+        try:
+            return f"α={float(alpha):g}"
+        except ValueError:
+            return f"α={alpha}"
+    return run.info.run_name or run.info.run_id[:8]
+
+
+def parse_group_by(group_by: str) -> list[str]:
+    keys = [k.strip() for k in group_by.split(",") if k.strip()]
+    if not keys:
+        raise ConfigError(f"--group-by {group_by!r} names no tag or param")
+    return keys
+
+
+def check_rate(rate: str) -> None:
+    if not re.fullmatch(r"bpp[A-Za-z0-9_]*", rate):
+        raise ConfigError(f"--rate {rate!r} is not a rate metric (bpp, bpp_enh, bpp_base, "
+                          "bpp_estimated, bpp_enh_estimated, ...)")
+
+
+def data_key(run) -> str:
+    """The data set a run was evaluated on: its content digest ("" for runs that predate it)."""
+    return run.data.tags.get("data_digest") or run.data.params.get("data_digest") or ""
+
+
+def data_label(run) -> str:
+    """How a curve names its data set: ``kodak#1a2b3c4d``."""
+    digest = data_key(run)
+    if not digest:
+        return "unknown data"
+    return f"{run.data.tags.get('data_name') or 'data'}#{digest[:8]}"
+
+
+def data_sets(runs: Iterable) -> list[str]:
+    """The labels of the data sets the runs were evaluated on, sorted."""
+    return sorted({data_label(r) for r in runs})
+
+
+def curves_from_runs(runs: Iterable, group_by: str = "method", rate: str = RATE, *,
+                     mix_data: bool = False) -> list[Curve]:
+    """One curve per value of ``group_by`` (a tag or param, or several joined by commas), with
+    the logged metric ``rate`` as each point's rate.
+
+    Runs evaluated on different data (by content digest) never share a curve: when the runs
+    span several data sets each curve name ends in `` @ DATA``, unless ``mix_data``.
+    """
+    check_rate(rate)
+    keys = parse_group_by(group_by)
+    runs = list(runs)
+    split_data = not mix_data and len(data_sets(runs)) > 1
+    groups: dict[str, list[Point]] = {}
+    for run in runs:
+        metrics = _finite(run.data.metrics)
+        if rate not in metrics:
+            log.debug("run %s has no finite %s; left out", run.info.run_id, rate)
+            continue
+        bpp = metrics.pop(rate)
+        quality = {k: v for k, v in metrics.items() if is_quality_metric(k)}
+        name = group_value(run, keys) + (f" @ {data_label(run)}" if split_data else "")
+        groups.setdefault(name, []).append(
+            Point(bpp, quality, run.info.run_id, _point_label(run)))
+    return [make_curve(name, pts) for name, pts in sorted(groups.items())]
+
+
+def jpeg_curve(runs: Iterable) -> Curve | None:
+    """JPEG at the rate of each run (the ``jpeg_*`` metrics evaluate logs), as one curve.
+
+    Runs whose rates led evaluate to the same JPEG setting measured the same point; it is kept
+    once (averaged), since a curve cannot hold two points at one rate.
+    """
+    by_rate: dict[float, list[tuple[str, dict[str, float]]]] = {}
+    for run in runs:
+        metrics = _finite(run.data.metrics)
+        if "jpeg_bpp" not in metrics:
+            continue
+        quality = {k[len("jpeg_"):]: v for k, v in metrics.items()
+                   if k.startswith("jpeg_") and k != "jpeg_bpp"}
+        by_rate.setdefault(metrics["jpeg_bpp"], []).append((run.info.run_id, quality))
+    points = []
+    for bpp, measured in by_rate.items():
+        names = set.intersection(*(set(q) for _, q in measured))
+        quality = {k: sum(q[k] for _, q in measured) / len(measured) for k in names}
+        label = "JPEG" if len(measured) == 1 else f"JPEG ({len(measured)} runs)"
+        points.append(Point(bpp, quality, min(r for r, _ in measured), label))
+    return make_curve(JPEG_CURVE, points, "jpeg") if points else None
+
+
+def shared_metrics(curves: Sequence[Curve]) -> list[str]:
+    """Quality metrics every point of every run curve has (references need not have them all)."""
+    own = [c for c in curves if c.source == "runs"] or list(curves)
+    sets = [set(p.metrics) for c in own for p in c.points]
+    common = set.intersection(*sets) if sets else set()
+    # psnr and ms_ssim first: the metrics everybody looks for, then the task metrics.
+    return sorted((m for m in common if is_quality_metric(m)),
+                  key=lambda m: (m not in ("psnr", "ms_ssim"), m != "psnr", m))
+
+
+# -- published reference points ---------------------------------------------------------------
+def normalize_metric_name(name: str) -> str:
+    """CompressAI's ``psnr-rgb`` / ``ms-ssim-rgb`` are our ``psnr`` / ``ms_ssim``."""
+    key = name.strip().lower()
+    for suffix in ("-rgb", "_rgb"):
+        if key.endswith(suffix):
+            key = key[: -len(suffix)]
+    return re.sub(r"[-\s]+", "_", key)
+
+
+def _number(value: Any, where: str) -> float | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {value!r} is not a number") from None
+    return number if math.isfinite(number) else None
+
+
+def _reference_points(columns: Mapping[str, Sequence[Any]], path: Path) -> list[Point]:
+    if RATE not in columns:
+        raise DataError(f"reference {path} has no {RATE} column (has: {', '.join(columns) or 'none'})")
+    rates = columns[RATE]
+    points = []
+    for i, raw in enumerate(rates):
+        bpp = _number(raw, f"{path}: {RATE}[{i}]")
+        if bpp is None or bpp <= 0:
+            continue
+        metrics = {}
+        for name, values in columns.items():
+            if name == RATE or not is_quality_metric(name):
+                continue
+            value = _number(values[i], f"{path}: {name}[{i}]")
+            if value is not None:
+                metrics[name] = value
+        points.append(Point(bpp, metrics, label=f"{bpp:.3g} bpp"))
+    if not points:
+        raise DataError(f"reference {path} holds no positive {RATE} value")
+    return points
+
+
+def _load_reference_json(path: Path) -> tuple[str, dict[str, list]]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"reference {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"reference {path} is not a JSON object with a 'results' member")
+    results = data.get("results", data)
+    if not isinstance(results, dict):
+        raise DataError(f"reference {path}: 'results' is not an object of lists")
+    columns: dict[str, list] = {}
+    for key, values in results.items():
+        if isinstance(values, list):
+            columns[normalize_metric_name(key)] = values
+    lengths = {k: len(v) for k, v in columns.items()}
+    if RATE in lengths and any(n != lengths[RATE] for n in lengths.values()):
+        raise DataError(f"reference {path}: lists of different lengths "
+                        f"({', '.join(f'{k}={n}' for k, n in lengths.items())})")
+    name = data.get("name") if isinstance(data.get("name"), str) else ""
+    return name or path.stem, columns
+
+
+def _load_reference_csv(path: Path) -> tuple[str, dict[str, list]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames:
+            raise DataError(f"reference {path} is empty (expected a header with {RATE})")
+        names = {f: normalize_metric_name(f) for f in reader.fieldnames}
+        columns: dict[str, list] = {n: [] for n in names.values()}
+        for row in reader:
+            for raw, name in names.items():
+                columns[name].append(row.get(raw))
+    return path.stem, columns
+
+
+def load_reference(path: Path | str) -> Curve:
+    """Published RD points as a curve: a CompressAI results JSON or a CSV with a bpp column.
+
+    The JSON layout is CompressAI's (``{"name": ..., "results": {"bpp": [...],
+    "psnr-rgb": [...], "ms-ssim-rgb": [...]}}``); metric names are mapped to ours
+    (``psnr-rgb`` -> ``psnr``). The curve is named by the JSON's ``name``, else the file name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"reference file {path} does not exist")
+    loader = _load_reference_json if path.suffix.lower() == ".json" else _load_reference_csv
+    if path.suffix.lower() not in (".json", ".csv"):
+        raise DataError(f"reference {path}: expected a .json (CompressAI results) or .csv file")
+    try:
+        name, columns = loader(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"cannot read reference {path}: {err}") from None
+    return make_curve(name, _reference_points(columns, path), "reference")
+
+

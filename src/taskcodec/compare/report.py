@@ -1,0 +1,175 @@
+"""What a comparison shows: RD plots, points and BD tables as CSV/JSON, terminal and Markdown
+tables."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from taskcodec.compare.bd import BDRow
+from taskcodec.compare.curves import _LABELS, RATE, Curve, metric_label, metric_unit
+
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+# -- files ------------------------------------------------------------------------------------
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
+
+
+def plot_rd(curves: Sequence[Curve], metric: str, stem: Path, rate: str = RATE) -> list[Path]:
+    """RD plot of ``metric`` against bpp: one line per curve, a marker per point (labelled with
+    its λ for run curves), references dashed. Writes ``stem``.png and ``stem``.svg."""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    fig = Figure(figsize=(7, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    for i, curve in enumerate(curves):
+        pts = [p for p in curve.points if metric in p.metrics]
+        if not pts:
+            continue
+        xs, ys = [p.bpp for p in pts], [p.metrics[metric] for p in pts]
+        ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], markersize=5,
+                linestyle="-" if curve.source == "runs" else "--",
+                label=f"{curve.name} ({len(pts)})")
+        if curve.source == "runs" and len(pts) <= 8:
+            for p, x, y in zip(pts, xs, ys, strict=True):
+                ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(4, -10),
+                            fontsize=7, alpha=0.7)
+    ax.margins(x=0.08)  # room for the λ labels right of the last point
+    ax.set_xlabel("Rate (bpp, bits per pixel)" if rate == RATE else f"Rate ({rate}, bits per pixel)")
+    ax.set_ylabel(metric_label(metric))
+    ax.set_title(f"{_LABELS.get(metric.lower(), metric)} vs rate")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small", title="curve (points)", title_fontsize="small")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"]
+    fig.savefig(paths[0], dpi=110)
+    with matplotlib.rc_context({"svg.fonttype": "none"}):  # text stays text: searchable, editable
+        fig.savefig(paths[1])
+    return paths
+
+
+def _json_number(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def points_records(curves: Sequence[Curve], rate: str = RATE) -> list[dict[str, Any]]:
+    return [{"curve": c.name, "source": c.source, "run_id": p.run_id, "label": p.label,
+             rate: p.bpp, **p.metrics} for c in curves for p in c.points]
+
+
+def write_points(curves: Sequence[Curve], folder: Path, rate: str = RATE) -> list[Path]:
+    """points.csv (one row per point, one column per metric) and points.json (by curve); the
+    rate column is named after the rate compared (``bpp`` unless ``--rate``)."""
+    metrics = sorted({m for c in curves for p in c.points for m in p.metrics})
+    fields = ["curve", "source", "run_id", "label", rate, *metrics]
+    csv_path, json_path = folder / "points.csv", folder / "points.json"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(points_records(curves, rate))
+    doc = {"rate": rate, "curves": [
+        {"name": c.name, "source": c.source,
+         "points": [{"run_id": p.run_id, "label": p.label, "bpp": p.bpp,
+                     "metrics": {k: _json_number(v) for k, v in p.metrics.items()}}
+                    for p in c.points]} for c in curves]}
+    json_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    return [csv_path, json_path]
+
+
+def write_rows(rows: Sequence[Any], fields: list[str], stem: Path,
+                doc: dict[str, Any]) -> list[Path]:
+    """``stem``.csv (one line per row, None as blank) and ``stem``.json (``doc`` + rows)."""
+    csv_path, json_path = stem.with_suffix(".csv"), stem.with_suffix(".json")
+    records = [{f: getattr(r, f) for f in fields} for r in rows]
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in rec.items()} for rec in records)
+    doc = {**doc, "rows": [{k: _json_number(v) if isinstance(v, float) else v
+                            for k, v in rec.items()} for rec in records]}
+    json_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    return [csv_path, json_path]
+
+
+def write_bd(rows: Sequence[BDRow], folder: Path, *, anchor: str, method: str) -> list[Path]:
+    """bd.csv and bd.json: BD-rate (%) and BD-metric of every curve against the anchor."""
+    fields = ["curve", "anchor", "metric", "bd_rate", "bd_metric", "rate_overlap",
+              "quality_overlap", "bd_rate_error", "bd_metric_error"]
+    return write_rows(rows, fields, folder / "bd",
+                       {"anchor": anchor, "method": method, "bd_rate_unit": "%"})
+
+
+# -- terminal ---------------------------------------------------------------------------------
+def format_curves(curves: Sequence[Curve], metrics: Sequence[str]) -> str:
+    width = max([len(c.name) for c in curves] + [5]) + 2
+    head = f"{'curve':<{width}}{'points':>7}  {'bpp':>15}" + "".join(f"  {m:>17}" for m in metrics)
+    lines = [head, "-" * len(head)]
+    for c in curves:
+        rates = [p.bpp for p in c.points]
+        cells = [f"{min(rates):.3f}-{max(rates):.3f}"]
+        for m in metrics:
+            _, values = c.series(m)
+            cells.append(f"{min(values):.4g}-{max(values):.4g}" if values else "-")
+        lines.append(f"{c.name:<{width}}{len(c.points):>7}  {cells[0]:>15}"
+                     + "".join(f"  {cell:>17}" for cell in cells[1:]))
+    return "\n".join(lines)
+
+
+def format_bd(rows: Sequence[BDRow], anchor: str, method: str) -> str:
+    if not rows:
+        return f"BD against {anchor!r}: no other curve to compare with"
+    width = max([len(r.curve) for r in rows] + [5]) + 2
+    mwidth = max([len(r.metric) for r in rows] + [6]) + 2
+    head = f"{'curve':<{width}}{'metric':<{mwidth}}{'BD-rate':>10}{'BD-metric':>12}"
+    lines = [f"BD against anchor {anchor!r} ({method}); negative BD-rate = fewer bits", head,
+             "-" * len(head)]
+    for r in rows:
+        rate = f"{r.bd_rate:+.2f} %" if r.bd_rate is not None else "n/a"
+        unit = metric_unit(r.metric)
+        value = (f"{r.bd_metric:+.4g}{' ' + unit if unit else ''}" if r.bd_metric is not None
+                 else "n/a")
+        line = f"{r.curve:<{width}}{r.metric:<{mwidth}}{rate:>10}{value:>12}"
+        if r.reason:
+            line += f"   ({r.reason})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def markdown_bd(rows: Sequence[BDRow], anchor: str, method: str) -> str:
+    """The BD table as Markdown, shown as the comparison run's description in the MLflow UI."""
+    lines = [f"**RD comparison** against `{anchor}` ({method} interpolation)", "",
+             "| curve | metric | BD-rate | BD-metric | note |", "|---|---|---:|---:|---|"]
+    for r in rows:
+        rate = f"{r.bd_rate:+.2f} %" if r.bd_rate is not None else "n/a"
+        value = f"{r.bd_metric:+.4g}" if r.bd_metric is not None else "n/a"
+        lines.append(f"| {r.curve} | {r.metric} | {rate} | {value} | {r.reason} |")
+    return "\n".join(lines)
+
+
+def write_outputs(curves: Sequence[Curve], metrics: Sequence[str], rows: Sequence[BDRow],
+                  folder: Path, *, anchor: str, method: str, run_ids: Sequence[str],
+                  rate: str = RATE, ratios: Sequence[Any] = ()) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for metric in metrics:
+        files += plot_rd(curves, metric, folder / f"rd_{safe_name(metric)}", rate)
+    files += write_points(curves, folder, rate)
+    files += write_bd(rows, folder, anchor=anchor, method=method)
+    if ratios:
+        from taskcodec.ideal_gain import write_ratios
+
+        files += write_ratios(ratios, folder)
+    runs_path = folder / "compared_runs.json"
+    runs_path.write_text(json.dumps({"run_ids": list(run_ids)}, indent=2) + "\n")
+    files.append(runs_path)
+    return files
+
+
