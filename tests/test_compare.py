@@ -483,3 +483,118 @@ def test_end_to_end_train_evaluate_compare(mlflow_server, tmp_path, monkeypatch)
     downloaded = client.download_artifacts(run_id, "comparison/rd_psnr.png", str(tmp_path / "dl"))
     with Image.open(downloaded) as img:
         assert img.format == "PNG" and img.size == Image.open(out_dir / "rd_psnr.png").size
+
+
+# -- replicates: intervals, pairing by seed, equivalence, Pareto fronts ------------------------
+T_975_4 = 2.7764451051977987  # Student t quantile 0.975 with 4 degrees of freedom
+LAMBDAS = [0.0018, 0.0035, 0.0067, 0.013]
+
+
+def seeded_runs(method: str, rates, psnrs, seeds=range(5), rate_factor=lambda s: 1.0,
+                psnr_offset=lambda s: 0.0) -> list:
+    """One evaluate-like run per seed and λ, tagged with its seed."""
+    return [fake_run(evaluate_metrics(r * rate_factor(s), p + psnr_offset(s)),
+                     {"lmbda": lm, "seed": s}, {"method": method, "seed": str(s)})
+            for s in seeds for r, p, lm in zip(rates, psnrs, LAMBDAS)]
+
+
+def test_replicates_at_one_operating_point_become_one_point_with_a_t_interval():
+    offsets = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    runs = seeded_runs("a", RATES, PSNRS, psnr_offset=lambda s: offsets[s],
+                       rate_factor=lambda s: 1 + 0.01 * offsets[s])
+    (raw,) = cmp.curves_from_runs(runs, "method", replicate_key="seed")
+    assert len(raw.points) == 20 and {p.replicate for p in raw.points} == {"0", "1", "2", "3", "4"}
+    (mean,) = [cmp.aggregate_replicates(raw)]
+    assert [p.n for p in mean.points] == [5] * 4
+    assert [p.label for p in mean.points] == [f"λ={lm}" for lm in LAMBDAS]
+    half = T_975_4 * math.sqrt(2.5) / math.sqrt(5)  # sd of -2..2 is sqrt(2.5)
+    for p, rate, psnr in zip(mean.points, RATES, PSNRS):
+        assert p.bpp == pytest.approx(rate) and p.metrics["psnr"] == pytest.approx(psnr)
+        assert p.ci["psnr"] == pytest.approx((psnr - half, psnr + half))
+        assert p.ci["rate"] == pytest.approx((rate * (1 - 0.01 * half), rate * (1 + 0.01 * half)))
+    records = cmp.points_records([mean])
+    assert records[0]["replicates"] == 5 and records[0]["psnr_ci_low"] == pytest.approx(
+        PSNRS[0] - half)
+
+
+def test_five_seeds_at_half_the_rate_give_minus_50_percent_with_a_zero_width_interval():
+    # every seed moves both curves the same way: pairing cancels it exactly
+    factor = lambda s: 1 + 0.1 * s  # noqa: E731
+    runs = (seeded_runs("anchor", RATES, PSNRS, rate_factor=factor)
+            + seeded_runs("half", [r / 2 for r in RATES], PSNRS, rate_factor=factor))
+    raw = cmp.curves_from_runs(runs, "method", replicate_key="seed")
+    rows = {r.quantity: r for r in cmp.paired_table(raw, raw[0], ["psnr"], margin=1.0)}
+    bd = rows["bd_rate"]
+    assert bd.seeds == 5 and not bd.error
+    assert bd.mean == pytest.approx(-50.0, abs=1e-6) and bd.sd == pytest.approx(0.0, abs=1e-6)
+    assert (bd.t_low, bd.t_high) == pytest.approx((-50.0, -50.0), abs=1e-6)
+    assert (bd.boot_low, bd.boot_high) == pytest.approx((-50.0, -50.0), abs=1e-6)
+    assert bd.p_value == 0.0 and bd.tost_p == 1.0  # -50 % is not within ±1 %
+    assert rows["bd_metric"].mean == pytest.approx(3.0, abs=1e-6)
+    # ΔJ at equal PSNR is the rate difference: half of each seed's mean anchor rate
+    expected = [-sum(RATES) / 8 * factor(s) for s in range(5)]
+    assert json.loads(rows["delta_j"].per_seed) == pytest.approx(
+        {str(s): v for s, v in enumerate(expected)})
+    assert rows["delta_j"].unit == "bpp"
+
+
+def test_noisy_replicates_give_an_interval_that_contains_the_true_shift():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    noise = rng.normal(0, 0.05, size=8)
+    runs = (seeded_runs("anchor", RATES, PSNRS, seeds=range(8))
+            + seeded_runs("test", [r * 0.7 for r in RATES], PSNRS, seeds=range(8),
+                          rate_factor=lambda s: 1 + noise[s]))
+    raw = cmp.curves_from_runs(runs, "method", replicate_key="seed")
+    (bd,) = [r for r in cmp.paired_table(raw, raw[0], ["psnr"], margin=5.0)
+             if r.quantity == "bd_rate"]
+    per_seed = json.loads(bd.per_seed)
+    assert per_seed == pytest.approx({str(s): (0.7 * (1 + noise[s]) - 1) * 100 for s in range(8)})
+    assert bd.t_low < -30.0 < bd.t_high and bd.boot_low < -30.0 < bd.boot_high
+    assert bd.t_high - bd.t_low > 0.5 and bd.effect_size < -3 and bd.p_value < 1e-4
+    # "similar" is a claim too: the same curves up to noise are equivalent within ±5 %
+    same = (seeded_runs("anchor", RATES, PSNRS, seeds=range(8))
+            + seeded_runs("same", RATES, PSNRS, seeds=range(8),
+                          rate_factor=lambda s: 1 + noise[s] / 5))
+    raw = cmp.curves_from_runs(same, "method", replicate_key="seed")
+    (eq,) = [r for r in cmp.paired_table(raw, raw[0], ["psnr"], margin=5.0)
+             if r.quantity == "bd_rate"]
+    assert eq.tost_p < 0.05 and bd.tost_p > 0.5
+
+
+def test_a_seed_missing_from_the_anchor_or_a_failing_seed_is_said():
+    runs = (seeded_runs("anchor", RATES, PSNRS, seeds=[0, 1])
+            + seeded_runs("test", RATES, PSNRS, seeds=[2]))
+    raw = cmp.curves_from_runs(runs, "method", replicate_key="seed")
+    rows = cmp.paired_table(raw, raw[0], ["psnr"])
+    assert all("no seed in common" in r.error and r.mean is None for r in rows)
+
+
+def test_pareto_front_drops_a_dip_smaller_than_the_noise_and_says_which():
+    dip = curve("dip", [0.1, 0.2, 0.3, 0.4, 0.8], [26.0, 29.0, 29.0 - 0.01, 32.0, 35.0])
+    anchor = curve("anchor", RATES, PSNRS)
+    (plain,) = cmp.bd_table([anchor, dip], anchor, ["psnr"])
+    assert plain.bd_rate is None and "does not improve" in plain.bd_rate_error
+    (front,) = cmp.bd_table([anchor, dip], anchor, ["psnr"], pareto=True)
+    assert front.bd_rate is not None and front.dropped == "dip: 0.3 bpp"
+    assert "Pareto front dropped dip: 0.3 bpp" in cmp.format_bd([front], "anchor", "pchip")
+
+
+def test_bd_rates_equal_the_bjontegaard_package_on_published_curves(tmp_path):
+    import bjontegaard
+    import numpy as np
+
+    # shaped like CompressAI's published Kodak curves (not monotone in PSNR per bit)
+    a = {"bpp": [0.122, 0.188, 0.287, 0.440, 0.647, 0.951],
+         "psnr-rgb": [27.58, 29.20, 30.97, 32.87, 34.74, 36.62]}
+    b = {"bpp": [0.108, 0.164, 0.253, 0.383, 0.565, 0.826],
+         "psnr-rgb": [27.71, 29.33, 31.16, 33.08, 34.91, 36.79]}
+    for name, results in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "results": results}))
+    ca, cb = (cmp.load_reference(tmp_path / f"{n}.json") for n in "ab")
+    for method in cmp.BD_METHODS:
+        expected = bjontegaard.bd_rate(np.array(a["bpp"]), np.array(a["psnr-rgb"]),
+                                       np.array(b["bpp"]), np.array(b["psnr-rgb"]),
+                                       method=method)
+        assert cmp.bd_rate(ca, cb, "psnr", method) == pytest.approx(expected, abs=0.005)

@@ -61,12 +61,26 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--rate", default="bpp", show_default=True, metavar="METRIC",
               help="the rate axis: bpp (real bytes; scalable: what the method is charged), "
                    "bpp_enh, bpp_base, or the likelihoods' bpp_estimated, bpp_enh_estimated")
+@click.option("--replicates-by", default="", metavar="KEY",
+              help="tag or param telling replicates apart (e.g. seed): runs of a curve at "
+                   "one operating point (λ/α) become one point, mean ± 95 % CI on both axes")
+@click.option("--pair-by", default="", metavar="KEY",
+              help="tag or param pairing runs (e.g. seed): BD-rate, BD-metric and ΔJ (bpp at "
+                   "equal distortion) per seed against the same seed's anchor, then mean, sd, "
+                   "t- and bootstrap intervals, effect size, t-test (implies --replicates-by)")
+@click.option("--equivalence-margin", type=float, default=None, metavar="X",
+              help="with --pair-by: two one-sided tests of |mean| < X (in each quantity's "
+                   "unit: % for BD-rate, dB for BD-PSNR, bpp for ΔJ)")
+@click.option("--pareto", is_flag=True,
+              help="BD between operational RD curves: each curve's Pareto front (the table "
+                   "names the points dropped)")
 @click.option("--output-dir", default="", metavar="DIR",
               help="also keep the plots, CSV and JSON files here")
 @click.option("--run-name", default="", metavar="NAME", help="name of the comparison run")
 def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags: dict[str, str],
             group_by: str, anchor: str, metrics: tuple[str, ...], references: tuple[str, ...],
-            jpeg: bool, mix_data: bool, bd_method: str, rate: str, output_dir: str,
+            jpeg: bool, mix_data: bool, bd_method: str, rate: str, replicates_by: str,
+            pair_by: str, equivalence_margin: float | None, pareto: bool, output_dir: str,
             run_name: str) -> None:
     """Compare runs as rate-distortion curves: RD plots and BD-rate / BD-metric tables.
 
@@ -78,7 +92,7 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
     curves of paper 1's lower and upper baselines (--group-by method: "lower", "upper"),
     every other curve of their group also gets paper 1's ratio (share of the ideal gain).
     Runs evaluated on different data sets are never one curve (names end in "@ DATA")
-    unless --mix-data.
+    unless --mix-data. Published curves (--reference) can be compared on their own.
 
     \b
     Examples:
@@ -89,6 +103,8 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
       taskcodec compare --run-id RUN1 --run-id RUN2 --run-id RUN3 --run-id RUN4
       taskcodec compare --tag layer=scalable --group-by method,beta --anchor lower/0.0
       taskcodec compare --tag layer=scalable --rate bpp_estimated --metric psnr
+      taskcodec compare --tag layer=scalable --group-by method --anchor lower --pair-by seed
+      taskcodec compare --reference a.json --reference b.json
     """
     from taskcodec.compare import CompareOptions
     from taskcodec.compare import compare as run_comparison
@@ -98,6 +114,8 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
         run_ids=_split(run_ids), tags=tags, group_by=group_by, anchor=anchor.strip(),
         metrics=_split(metrics), references=tuple(r for r in references if r.strip()),
         jpeg=jpeg, mix_data=mix_data, bd_method=bd_method, rate=rate.strip(),
+        replicates_by=replicates_by.strip(), pair_by=pair_by.strip(),
+        equivalence_margin=equivalence_margin, pareto=pareto,
         output_dir=Path(output_dir) if output_dir.strip() else None, run_name=run_name)
     result = run_comparison(options)
     click.echo(result.text)

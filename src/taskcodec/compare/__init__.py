@@ -55,6 +55,7 @@ from taskcodec.compare.curves import (
     RATE,
     Curve,
     Point,
+    aggregate_replicates,
     check_rate,
     curves_from_runs,
     data_key,
@@ -69,7 +70,9 @@ from taskcodec.compare.curves import (
     metric_label,
     metric_unit,
     normalize_metric_name,
+    pareto_front,
     parse_group_by,
+    replicate_curves,
     shared_metrics,
 )
 from taskcodec.compare.report import (
@@ -85,6 +88,14 @@ from taskcodec.compare.report import (
     write_rows,
 )
 from taskcodec.compare.selection import MAX_RUNS, MAX_TAG_CHARS, run_ids_tag, select_runs, tag_filter
+from taskcodec.compare.statistics import (
+    Estimate,
+    PairedRow,
+    estimate,
+    mean_interval,
+    paired_table,
+    tost_p,
+)
 
 __all__ = [
     "BD_METHODS", "JPEG_CURVE", "MAX_RUNS", "MAX_TAG_CHARS", "MIN_BD_POINTS", "RATE", "BDRow",
@@ -95,5 +106,6 @@ __all__ = [
     "markdown_bd", "metric_label", "metric_unit", "normalize_metric_name", "overlap",
     "parse_group_by", "pick_anchor", "plot_rd", "points_records", "run_ids_tag", "safe_name",
     "select_runs", "shared_metrics", "tag_filter", "write_bd", "write_outputs", "write_points",
-    "write_rows",
+    "write_rows", "aggregate_replicates", "pareto_front", "replicate_curves", "Estimate",
+    "PairedRow", "estimate", "mean_interval", "paired_table", "tost_p",
 ]

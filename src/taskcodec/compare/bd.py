@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from taskcodec.compare.curves import Curve, lower_is_better, metric_unit
+from taskcodec.compare.curves import Curve, lower_is_better, metric_unit, pareto_front
 from taskcodec.errors import ConfigError
 
 BD_METHODS = ("pchip", "cubic")
@@ -118,32 +118,48 @@ class BDRow:
     quality_overlap: float | None = None
     bd_rate_error: str = ""
     bd_metric_error: str = ""
+    dropped: str = ""  # --pareto: the points left off each curve's operational RD curve
 
     @property
     def reason(self) -> str:
         return self.bd_rate_error or self.bd_metric_error
 
 
+def _fronts(curves: Sequence[Curve], metric: str) -> tuple[list[Curve], str]:
+    """Each curve's Pareto front for ``metric``, and which points they dropped (one line)."""
+    fronts, notes = [], []
+    for curve in curves:
+        front, dropped = pareto_front(curve, metric)
+        fronts.append(front)
+        if dropped:
+            notes.append(f"{curve.name}: {', '.join(p.label or f'{p.bpp:.4g} bpp' for p in dropped)}")
+    return fronts, "; ".join(notes)
+
+
 def bd_table(curves: Sequence[Curve], anchor: Curve, metrics: Sequence[str],
-             method: str = "pchip") -> list[BDRow]:
-    """BD-rate and BD-metric of every curve but the anchor, for every metric."""
+             method: str = "pchip", *, pareto: bool = False) -> list[BDRow]:
+    """BD-rate and BD-metric of every curve but the anchor, for every metric; with ``pareto``,
+    between the curves' operational RD curves (Pareto fronts), naming the points dropped."""
     _check_method(method)
     rows = []
     for metric in metrics:
-        ar, aq = anchor.series(metric)
-        for curve in curves:
-            if curve.name == anchor.name:
+        for test in curves:
+            if test.name == anchor.name:
                 continue
-            row = BDRow(curve.name, anchor.name, metric)
+            a, curve, dropped = anchor, test, ""
+            if pareto:
+                (a, curve), dropped = _fronts([anchor, test], metric)
+            row = BDRow(curve.name, anchor.name, metric, dropped=dropped)
+            ar, aq = a.series(metric)
             tr, tq = curve.series(metric)
             if ar and tr:
                 row.rate_overlap, row.quality_overlap = overlap(ar, tr), overlap(aq, tq)
             try:
-                row.bd_rate = bd_rate(anchor, curve, metric, method)
+                row.bd_rate = bd_rate(a, curve, metric, method)
             except ConfigError as err:
                 row.bd_rate_error = str(err)
             try:
-                row.bd_metric = bd_metric(anchor, curve, metric, method)
+                row.bd_metric = bd_metric(a, curve, metric, method)
             except ConfigError as err:
                 row.bd_metric_error = str(err)
             rows.append(row)

@@ -14,6 +14,7 @@ from taskcodec.compare.bd import BDRow, _check_method, bd_table, pick_anchor
 from taskcodec.compare.curves import (
     RATE,
     Curve,
+    aggregate_replicates,
     check_rate,
     curves_from_runs,
     data_label,
@@ -23,8 +24,17 @@ from taskcodec.compare.curves import (
     parse_group_by,
     shared_metrics,
 )
-from taskcodec.compare.report import format_bd, format_curves, markdown_bd, write_outputs
+from taskcodec.compare.report import (
+    format_bd,
+    format_curves,
+    format_paired,
+    markdown_bd,
+    markdown_paired,
+    write_outputs,
+    write_paired,
+)
 from taskcodec.compare.selection import run_ids_tag, select_runs
+from taskcodec.compare.statistics import CONFIDENCE, PairedRow, check_confidence, paired_table
 from taskcodec.errors import ConfigError
 
 
@@ -46,11 +56,29 @@ class CompareOptions:
     rate: str = RATE
     output_dir: Path | None = None
     run_name: str = ""
+    replicates_by: str = ""  # tag/param (seed): runs at one operating point -> mean ± CI
+    pair_by: str = ""  # tag/param (seed): BD per seed against the same seed's anchor
+    equivalence_margin: float | None = None  # TOST margin, in each quantity's unit
+    pareto: bool = False  # BD between operational RD curves (Pareto fronts)
+    confidence: float = CONFIDENCE
 
     def __post_init__(self) -> None:
         _check_method(self.bd_method)
         parse_group_by(self.group_by)
         check_rate(self.rate)
+        check_confidence(self.confidence)
+        if self.replicates_by and self.pair_by and self.replicates_by != self.pair_by:
+            raise ConfigError(f"--replicates-by {self.replicates_by!r} and --pair-by "
+                              f"{self.pair_by!r} name different keys; replicates are paired "
+                              "by the key that tells them apart")
+        if self.equivalence_margin is not None and not self.equivalence_margin > 0:
+            raise ConfigError(f"--equivalence-margin {self.equivalence_margin!r} should be > 0")
+        if self.equivalence_margin is not None and not self.pair_by:
+            raise ConfigError("--equivalence-margin tests paired replicates: give --pair-by too")
+
+    @property
+    def replicate_key(self) -> str:
+        return self.pair_by or self.replicates_by
 
 
 @dataclass
@@ -65,10 +93,13 @@ class Comparison:
     compared_run_ids: list[str]
     text: str
     ratios: list = field(default_factory=list)  # ideal_gain.RatioRow
+    paired: list[PairedRow] = field(default_factory=list)
 
 
-def _resolve_experiment(client, name: str):
+def _resolve_experiment(client, name: str, create: bool = False):
     experiment = client.get_experiment_by_name(name)
+    if experiment is None and create:  # published curves alone: the comparison run's home
+        return client.get_experiment(client.create_experiment(name))
     if experiment is None:
         known = [e.name for e in client.search_experiments()]
         raise ConfigError(f"no experiment {name!r} at {client.tracking_uri} "
@@ -77,8 +108,10 @@ def _resolve_experiment(client, name: str):
 
 
 def build_curves(runs: Sequence, options: CompareOptions) -> list[Curve]:
-    """Run curves, then the reference files, then JPEG; names are unique."""
-    curves = curves_from_runs(runs, options.group_by, options.rate, mix_data=options.mix_data)
+    """Run curves, then the reference files, then JPEG; names are unique. With a replicate
+    key, a run curve's points keep their seed (see :func:`aggregate_replicates`)."""
+    curves = curves_from_runs(runs, options.group_by, options.rate, mix_data=options.mix_data,
+                              replicate_key=options.replicate_key)
     curves += [load_reference(p) for p in options.references]
     if options.jpeg:
         labels = data_sets(runs)
@@ -135,7 +168,10 @@ def _log_run(client, experiment_id: str, files: Sequence[Path], options: Compare
               "rate": options.rate,
               "metrics": ",".join(metrics)[:500], "curves": curves, "compared_runs": len(run_ids),
               "references": ",".join(Path(p).name for p in options.references)[:500],
-              "jpeg": str(options.jpeg).lower(), "mix_data": str(options.mix_data).lower()}
+              "jpeg": str(options.jpeg).lower(), "mix_data": str(options.mix_data).lower(),
+              "replicates_by": options.replicates_by, "pair_by": options.pair_by,
+              "equivalence_margin": options.equivalence_margin or "",
+              "pareto": str(options.pareto).lower(), "confidence": options.confidence}
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     created = not run_id
     if created:
@@ -169,30 +205,46 @@ def compare(options: CompareOptions) -> Comparison:
     tracking.check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     name = options.experiment or tracking.experiment_name()
+    only_references = bool(options.references) and not options.run_ids
     if options.run_ids:
         runs = select_runs(client, run_ids=options.run_ids, tags=options.tags)
         experiment_id = (_resolve_experiment(client, options.experiment).experiment_id
                          if options.experiment else runs[0].info.experiment_id if runs else "")
     else:
-        experiment_id = _resolve_experiment(client, name).experiment_id
+        experiment = _resolve_experiment(client, name, create=only_references)
+        experiment_id = experiment.experiment_id
         runs = select_runs(client, experiment_ids=[experiment_id],
                            filter_string=options.filter_string, tags=options.tags)
     runs = [r for r in runs if options.rate in r.data.metrics]
-    if not runs:
+    if not runs and not options.references:
         what = (f"runs {', '.join(options.run_ids)}" if options.run_ids
                 else f"experiment {name!r}" + (f" matching {options.filter_string!r}"
                                                if options.filter_string else ""))
         raise ConfigError(f"no run with a {options.rate} metric among {what} at {uri} "
-                          "(evaluate checkpoints first: taskcodec evaluate --checkpoint RUN_ID)")
-    curves = build_curves(runs, options)
+                          "(evaluate checkpoints first: taskcodec evaluate --checkpoint RUN_ID, "
+                          "or compare published curves with --reference FILE)")
+    if options.jpeg and not runs:
+        raise ConfigError("--jpeg: no run was selected, so there are no JPEG points")
+    if not experiment_id:
+        experiment_id = _resolve_experiment(client, name, create=True).experiment_id
+    raw = build_curves(runs, options)
+    curves = ([aggregate_replicates(c, options.confidence) if c.source == "runs" else c
+               for c in raw] if options.replicate_key else raw)
     metrics = choose_metrics(curves, options.metrics)
     anchor = pick_anchor(curves, options.anchor or None)
-    rows = bd_table(curves, anchor, metrics, options.bd_method)
+    rows = bd_table(curves, anchor, metrics, options.bd_method, pareto=options.pareto)
     ratios = ideal_gain_ratios(curves, metrics, options.bd_method)
+    paired = []
+    if options.pair_by:
+        raw_anchor = next(c for c in raw if c.name == anchor.name)
+        paired = paired_table(raw, raw_anchor, metrics, options.bd_method,
+                              confidence=options.confidence, margin=options.equivalence_margin,
+                              pareto=options.pareto)
     run_ids = sorted({r.info.run_id for r in runs})
     text = "\n\n".join([format_curves(curves, metrics), format_bd(rows, anchor.name,
                                                                    options.bd_method)]
-                        + ([format_ratios(ratios)] if ratios else []))
+                        + ([format_ratios(ratios)] if ratios else [])
+                        + ([format_paired(paired, options.pair_by)] if options.pair_by else []))
     if len(data_sets(runs)) > 1:
         text += (f"\n\nThe runs were evaluated on {len(data_sets(runs))} data sets "
                  f"({', '.join(data_sets(runs))}): "
@@ -203,14 +255,20 @@ def compare(options: CompareOptions) -> Comparison:
         files = write_outputs(curves, metrics, rows, folder, anchor=anchor.name,
                               method=options.bd_method, run_ids=run_ids, rate=options.rate,
                               ratios=ratios)
+        if options.pair_by:
+            files += write_paired(paired, folder, pair_by=options.pair_by,
+                                  method=options.bd_method, confidence=options.confidence,
+                                  margin=options.equivalence_margin)
         (folder / "summary.txt").write_text(text + "\n")
         files.append(folder / "summary.txt")
         run_id = _log_run(client, experiment_id, files, options,
                           experiment=name if not options.run_ids else options.experiment,
                           anchor=anchor.name, metrics=metrics, curves=len(curves),
                           run_ids=run_ids, note=markdown_bd(rows, anchor.name, options.bd_method)
-                          + ("\n\n" + markdown_ratios(ratios) if ratios else ""))
+                          + ("\n\n" + markdown_ratios(ratios) if ratios else "")
+                          + ("\n\n" + markdown_paired(paired, options.pair_by)
+                             if options.pair_by else ""))
         if not options.output_dir:
             files = [Path("comparison") / f.name for f in files]  # only in MLflow now
     return Comparison(run_id, experiment_id, curves, metrics, anchor.name, rows, files,
-                      run_ids, text, ratios)
+                      run_ids, text, ratios, paired)

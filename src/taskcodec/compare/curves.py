@@ -9,7 +9,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,13 @@ class Point:
     metrics: Mapping[str, float]
     run_id: str = ""
     label: str = ""  # what tells the points of a curve apart, e.g. "λ=0.0067"
+    replicate: str = ""  # the value of --replicates-by / --pair-by (a seed), "" without one
+    # Rate per unit of 255² MSE the point was trained to trade (λ; 1/α for scalable layers):
+    # what turns a distortion difference into bits per pixel at equal distortion.
+    lagrange: float | None = None
+    n: int = 1  # replicates averaged into this point
+    # 95 % t-interval of the mean over the replicates: "rate" and each metric -> (low, high)
+    ci: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,16 +114,28 @@ def group_value(run, keys: Sequence[str]) -> str:
 
 
 def _point_label(run) -> str:
+    return _operating_point(run)[0]
+
+
+def _positive(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _operating_point(run) -> tuple[str, float | None]:
+    """The label of a run's operating point (its λ or α) and its Lagrange multiplier in bpp
+    per unit of 255² MSE (λ; 1/α for scalable layers, whose loss is α·R + 255²·MSE)."""
     lmbda = run.data.params.get("lmbda")
     if lmbda not in (None, "", "None"):
-        return f"λ={lmbda}"
+        return f"λ={lmbda}", _positive(lmbda)
     alpha = run.data.tags.get("alpha") or run.data.params.get("alpha")  # scalable: 1/lambda
     if alpha not in (None, "", "None"):
-        try:
-            return f"α={float(alpha):g}"
-        except ValueError:
-            return f"α={alpha}"
-    return run.info.run_name or run.info.run_id[:8]
+        value = _positive(alpha)
+        return (f"α={value:g}" if value else f"α={alpha}"), (1 / value if value else None)
+    return run.info.run_name or run.info.run_id[:8], None
 
 
 def parse_group_by(group_by: str) -> list[str]:
@@ -151,12 +170,14 @@ def data_sets(runs: Iterable) -> list[str]:
 
 
 def curves_from_runs(runs: Iterable, group_by: str = "method", rate: str = RATE, *,
-                     mix_data: bool = False) -> list[Curve]:
+                     mix_data: bool = False, replicate_key: str = "") -> list[Curve]:
     """One curve per value of ``group_by`` (a tag or param, or several joined by commas), with
     the logged metric ``rate`` as each point's rate.
 
     Runs evaluated on different data (by content digest) never share a curve: when the runs
     span several data sets each curve name ends in `` @ DATA``, unless ``mix_data``.
+    ``replicate_key`` (a tag or param, such as ``seed``) is recorded on each point, for
+    :func:`aggregate_replicates` and paired statistics.
     """
     check_rate(rate)
     keys = parse_group_by(group_by)
@@ -171,9 +192,66 @@ def curves_from_runs(runs: Iterable, group_by: str = "method", rate: str = RATE,
         bpp = metrics.pop(rate)
         quality = {k: v for k, v in metrics.items() if is_quality_metric(k)}
         name = group_value(run, keys) + (f" @ {data_label(run)}" if split_data else "")
+        label, lagrange = _operating_point(run)
+        replicate = group_value(run, [replicate_key]) if replicate_key else ""
         groups.setdefault(name, []).append(
-            Point(bpp, quality, run.info.run_id, _point_label(run)))
+            Point(bpp, quality, run.info.run_id, label, replicate, lagrange))
     return [make_curve(name, pts) for name, pts in sorted(groups.items())]
+
+
+def aggregate_replicates(curve: Curve, confidence: float = 0.95) -> Curve:
+    """One point per operating point (λ or α label) of ``curve``: the mean of its replicates'
+    rates and metrics, with the ``confidence`` t-interval of each mean and their count.
+
+    A metric enters a point's mean only when every replicate logged it.
+    """
+    from taskcodec.compare.statistics import mean_interval
+
+    by_label: dict[str, list[Point]] = {}
+    for p in curve.points:
+        by_label.setdefault(p.label, []).append(p)
+    points = []
+    for label, group in by_label.items():
+        if len(group) == 1:
+            points.append(group[0])
+            continue
+        names = set.intersection(*(set(p.metrics) for p in group))
+        ci, metrics = {}, {}
+        mean_rate, *ci["rate"] = mean_interval([p.bpp for p in group], confidence)
+        for name in sorted(names):
+            metrics[name], *ci[name] = mean_interval([p.metrics[name] for p in group],
+                                                     confidence)
+        lagranges = {p.lagrange for p in group}
+        points.append(Point(mean_rate, metrics, min(p.run_id for p in group), label,
+                            lagrange=lagranges.pop() if len(lagranges) == 1 else None,
+                            n=len(group), ci={k: tuple(v) for k, v in ci.items()}))
+    return make_curve(curve.name, points, curve.source)
+
+
+def replicate_curves(curve: Curve) -> dict[str, Curve]:
+    """The points of each replicate (seed) of ``curve`` as a curve of its own."""
+    by_replicate: dict[str, list[Point]] = {}
+    for p in curve.points:
+        by_replicate.setdefault(p.replicate, []).append(p)
+    return {key: make_curve(curve.name, pts, curve.source)
+            for key, pts in sorted(by_replicate.items())}
+
+
+def pareto_front(curve: Curve, metric: str) -> tuple[Curve, list[Point]]:
+    """The operational RD curve: the points of ``curve`` no other point beats in both rate
+    and ``metric`` (no more bits for at least the quality), and the points it dropped."""
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    pts = sorted((p for p in curve.points if metric in p.metrics),
+                 key=lambda p: (p.bpp, -sign * p.metrics[metric]))
+    kept, dropped, best = [], [], -math.inf
+    for p in pts:
+        quality = sign * p.metrics[metric]
+        if quality > best:
+            kept.append(p)
+            best = quality
+        else:
+            dropped.append(p)
+    return replace(curve, points=tuple(kept)), dropped
 
 
 def jpeg_curve(runs: Iterable) -> Curve | None:

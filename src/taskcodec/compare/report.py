@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from taskcodec.compare.bd import BDRow
-from taskcodec.compare.curves import _LABELS, RATE, Curve, metric_label, metric_unit
+from taskcodec.compare.curves import _LABELS, RATE, Curve, Point, metric_label, metric_unit
+from taskcodec.compare.statistics import PairedRow
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
@@ -20,6 +21,16 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 # -- files ------------------------------------------------------------------------------------
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "metric"
+
+
+def _error_bars(points: Sequence[Curve], key: str, centres: Sequence[float]):
+    """Distances from each point down and up to its interval (0 without one), for errorbar."""
+    below, above = [], []
+    for p, c in zip(points, centres, strict=True):
+        low, high = p.ci.get(key, (c, c))
+        below.append(c - low if math.isfinite(low) else 0.0)
+        above.append(high - c if math.isfinite(high) else 0.0)
+    return [below, above]
 
 
 def plot_rd(curves: Sequence[Curve], metric: str, stem: Path, rate: str = RATE) -> list[Path]:
@@ -35,9 +46,14 @@ def plot_rd(curves: Sequence[Curve], metric: str, stem: Path, rate: str = RATE) 
         if not pts:
             continue
         xs, ys = [p.bpp for p in pts], [p.metrics[metric] for p in pts]
-        ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], markersize=5,
-                linestyle="-" if curve.source == "runs" else "--",
-                label=f"{curve.name} ({len(pts)})")
+        replicated = any(p.n > 1 for p in pts)
+        ax.errorbar(xs, ys, xerr=_error_bars(pts, "rate", xs) if replicated else None,
+                    yerr=_error_bars(pts, metric, ys) if replicated else None,
+                    marker=_MARKERS[i % len(_MARKERS)], markersize=5, capsize=3,
+                    linestyle="-" if curve.source == "runs" else "--",
+                    label=f"{curve.name} ({len(pts)}"
+                          + (f", mean of {max(p.n for p in pts)} ± 95 % CI)" if replicated
+                             else ")"))
         if curve.source == "runs" and len(pts) <= 8:
             for p, x, y in zip(pts, xs, ys, strict=True):
                 ax.annotate(p.label, (x, y), textcoords="offset points", xytext=(4, -10),
@@ -60,16 +76,23 @@ def _json_number(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def _ci_columns(p: Point, rate: str) -> dict[str, float]:
+    return {f"{rate if k == 'rate' else k}_ci_{end}": v for k, (low, high) in p.ci.items()
+            for end, v in (("low", low), ("high", high))}
+
+
 def points_records(curves: Sequence[Curve], rate: str = RATE) -> list[dict[str, Any]]:
     return [{"curve": c.name, "source": c.source, "run_id": p.run_id, "label": p.label,
-             rate: p.bpp, **p.metrics} for c in curves for p in c.points]
+             "replicates": p.n, rate: p.bpp, **p.metrics, **_ci_columns(p, rate)}
+            for c in curves for p in c.points]
 
 
 def write_points(curves: Sequence[Curve], folder: Path, rate: str = RATE) -> list[Path]:
     """points.csv (one row per point, one column per metric) and points.json (by curve); the
     rate column is named after the rate compared (``bpp`` unless ``--rate``)."""
     metrics = sorted({m for c in curves for p in c.points for m in p.metrics})
-    fields = ["curve", "source", "run_id", "label", rate, *metrics]
+    intervals = sorted({k for c in curves for p in c.points for k in _ci_columns(p, rate)})
+    fields = ["curve", "source", "run_id", "label", "replicates", rate, *metrics, *intervals]
     csv_path, json_path = folder / "points.csv", folder / "points.json"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, restval="")
@@ -78,7 +101,10 @@ def write_points(curves: Sequence[Curve], folder: Path, rate: str = RATE) -> lis
     doc = {"rate": rate, "curves": [
         {"name": c.name, "source": c.source,
          "points": [{"run_id": p.run_id, "label": p.label, "bpp": p.bpp,
-                     "metrics": {k: _json_number(v) for k, v in p.metrics.items()}}
+                     "metrics": {k: _json_number(v) for k, v in p.metrics.items()},
+                     "replicates": p.n,
+                     "ci95": {k: [_json_number(low), _json_number(high)]
+                              for k, (low, high) in p.ci.items()}}
                     for p in c.points]} for c in curves]}
     json_path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     return [csv_path, json_path]
@@ -102,7 +128,7 @@ def write_rows(rows: Sequence[Any], fields: list[str], stem: Path,
 def write_bd(rows: Sequence[BDRow], folder: Path, *, anchor: str, method: str) -> list[Path]:
     """bd.csv and bd.json: BD-rate (%) and BD-metric of every curve against the anchor."""
     fields = ["curve", "anchor", "metric", "bd_rate", "bd_metric", "rate_overlap",
-              "quality_overlap", "bd_rate_error", "bd_metric_error"]
+              "quality_overlap", "bd_rate_error", "bd_metric_error", "dropped"]
     return write_rows(rows, fields, folder / "bd",
                        {"anchor": anchor, "method": method, "bd_rate_unit": "%"})
 
@@ -139,6 +165,8 @@ def format_bd(rows: Sequence[BDRow], anchor: str, method: str) -> str:
         line = f"{r.curve:<{width}}{r.metric:<{mwidth}}{rate:>10}{value:>12}"
         if r.reason:
             line += f"   ({r.reason})"
+        if r.dropped:
+            line += f"   [Pareto front dropped {r.dropped}]"
         lines.append(line)
     return "\n".join(lines)
 
@@ -150,7 +178,8 @@ def markdown_bd(rows: Sequence[BDRow], anchor: str, method: str) -> str:
     for r in rows:
         rate = f"{r.bd_rate:+.2f} %" if r.bd_rate is not None else "n/a"
         value = f"{r.bd_metric:+.4g}" if r.bd_metric is not None else "n/a"
-        lines.append(f"| {r.curve} | {r.metric} | {rate} | {value} | {r.reason} |")
+        note = "; ".join(n for n in (r.reason, r.dropped and f"Pareto dropped {r.dropped}") if n)
+        lines.append(f"| {r.curve} | {r.metric} | {rate} | {value} | {note} |")
     return "\n".join(lines)
 
 
@@ -173,3 +202,61 @@ def write_outputs(curves: Sequence[Curve], metrics: Sequence[str], rows: Sequenc
     return files
 
 
+
+
+# -- paired replicates ---------------------------------------------------------------------------
+PAIRED_FIELDS = ["curve", "anchor", "metric", "quantity", "unit", "seeds", "mean", "sd", "t_low",
+                 "t_high", "boot_low", "boot_high", "effect_size", "p_value", "tost_p",
+                 "per_seed", "error"]
+_QUANTITY = {"bd_rate": "BD-rate", "bd_metric": "BD-metric", "delta_j": "ΔJ"}
+
+
+def _g(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.{digits}g}"
+
+
+def paired_cells(r: PairedRow) -> list[str]:
+    """What one paired row says: quantity, mean ± sd, intervals, effect size, tests."""
+    tost = f"{r.tost_p:.3g}" if r.tost_p is not None and math.isfinite(r.tost_p) else "-"
+    p = f"{r.p_value:.3g}" if r.p_value is not None and math.isfinite(r.p_value) else "n/a"
+    sd = "n/a" if r.sd is None or not math.isfinite(r.sd) else f"{r.sd:.3g}"
+    return [f"{_QUANTITY[r.quantity]} ({r.unit})" if r.unit else _QUANTITY[r.quantity],
+            str(r.seeds), _g(r.mean), sd, f"[{_g(r.t_low)}, {_g(r.t_high)}]",
+            f"[{_g(r.boot_low)}, {_g(r.boot_high)}]", _g(r.effect_size, 3), p, tost]
+
+
+_PAIRED_HEAD = ["quantity", "seeds", "mean", "sd", "95 % t-interval", "bootstrap", "d_z", "p",
+                "TOST p"]
+
+
+def format_paired(rows: Sequence[PairedRow], pair_by: str) -> str:
+    if not rows:
+        return f"Paired by {pair_by}: no curve to pair with the anchor"
+    lines = [f"Paired by {pair_by}: each {pair_by} against the same {pair_by}'s anchor "
+             f"{rows[0].anchor!r} (negative BD-rate / ΔJ = fewer bits)"]
+    for r in rows:
+        cells = paired_cells(r)
+        text = (f"  {r.curve} / {r.metric}: {cells[0]} = {cells[2]} (sd {cells[3]}, n={cells[1]}) "
+                f"t {cells[4]} boot {cells[5]} d_z {cells[6]} p {cells[7]}")
+        if r.tost_p is not None:
+            text += f" TOST p {cells[8]}"
+        lines.append(text + (f"   ({r.error})" if r.error else ""))
+    return "\n".join(lines)
+
+
+def markdown_paired(rows: Sequence[PairedRow], pair_by: str) -> str:
+    lines = [f"**Paired by {pair_by}** (each against the same {pair_by}'s anchor)", "",
+             "| curve | metric | " + " | ".join(_PAIRED_HEAD) + " | note |",
+             "|---|---|" + "---:|" * len(_PAIRED_HEAD) + "---|"]
+    for r in rows:
+        lines.append(f"| {r.curve} | {r.metric} | " + " | ".join(paired_cells(r))
+                     + f" | {r.error} |")
+    return "\n".join(lines)
+
+
+def write_paired(rows: Sequence[PairedRow], folder: Path, *, pair_by: str, method: str,
+                 confidence: float, margin: float | None) -> list[Path]:
+    """paired.csv and paired.json: per-seed deltas against the same seed's anchor, estimated."""
+    return write_rows(rows, PAIRED_FIELDS, folder / "paired",
+                      {"pair_by": pair_by, "method": method, "confidence": confidence,
+                       "equivalence_margin": margin, "bd_rate_unit": "%", "delta_j_unit": "bpp"})
