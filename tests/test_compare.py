@@ -430,6 +430,54 @@ def test_compare_errors_are_one_line(experiment):
     assert result.exit_code == 2 and "'oops' is not NAME=VALUE" in result.output
 
 
+@pytest.mark.server
+def test_compare_pairs_replicates_logged_in_a_tracking_store(experiment, tmp_path):
+    """5 seeds; per seed, "half" uses exactly half the anchor's rate: -50 %, zero-width."""
+    client, name, exp_id = experiment
+    for seed in range(5):
+        for i, (rate, psnr) in enumerate(zip(RATES, PSNRS)):
+            for method, factor in (("anchor", 1.0), ("half", 0.5)):
+                log_eval_run(client, exp_id, method, LAMBDAS[i],
+                             evaluate_metrics(rate * factor * (1 + 0.1 * seed), psnr),
+                             {"seed": str(seed)})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["compare", "--experiment", name, "--anchor", "anchor",
+                                      "--pair-by", "seed", "--metric", "psnr",
+                                      "--equivalence-margin", "1", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Paired by seed" in result.output
+    paired = {r["quantity"]: r for r in json.loads((out / "paired.json").read_text())["rows"]}
+    bd = paired["bd_rate"]
+    assert bd["seeds"] == 5 and bd["mean"] == pytest.approx(-50.0, abs=1e-6)
+    assert (bd["t_low"], bd["t_high"]) == pytest.approx((-50.0, -50.0), abs=1e-6)
+    points = read_csv(out / "points.csv")
+    assert len(points) == 8 and {p["replicates"] for p in points} == {"5"}
+    assert float(points[0]["psnr_ci_low"]) == pytest.approx(float(points[0]["psnr"]))
+    assert float(points[0]["bpp_ci_low"]) < float(points[0]["bpp"]) < float(
+        points[0]["bpp_ci_high"])  # the seeds move the rate: an interval on the x axis
+    run = client.get_run(re.search(r"MLflow run: ([0-9a-f]{32})", result.output).group(1))
+    assert run.data.params["pair_by"] == "seed"
+    assert "**Paired by seed**" in run.data.tags["mlflow.note.content"]
+
+
+@pytest.mark.server
+def test_published_curves_compare_alone_even_in_a_new_experiment(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    for name, rates in (("a", RATES), ("b", [r / 2 for r in RATES])):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"name": name, "results": {"bpp": rates, "psnr-rgb": PSNRS}}))
+    new = f"refs-{uuid.uuid4().hex[:8]}"
+    result = CliRunner().invoke(cli, ["compare", "--experiment", new,
+                                      "--reference", str(tmp_path / "a.json"),
+                                      "--reference", str(tmp_path / "b.json")])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"b\s+psnr\s+-50.00 %", result.output)
+    run = MlflowClient(mlflow_server.uri).get_run(
+        re.search(r"MLflow run: ([0-9a-f]{32})", result.output).group(1))
+    assert run.data.tags["comparison"] == "true" and run.data.params["references"] == "a.json,b.json"
+
+
 def taskcodec(*args: str, cwd: Path) -> str:
     """Run the installed ``taskcodec`` command; its last stdout line (a run id)."""
     exe = Path(sys.executable).parent / "taskcodec"
