@@ -456,7 +456,8 @@ class EvalConfig(Config):
                      "train/val/test subfolders, else its test/ or val/; val of embedded, "
                      "scenes, coco, cityscapes), train, val, test or all",
                      choices=("auto", "train", "val", "test", "all"))
-    max_images: int = opt(0, "evaluate at most this many images (0: all)", min=0)
+    max_images: int = opt(0, "evaluate at most this many images (0: all; procedural scenes: "
+                          "exactly this many, 0: their default number)", min=0)
     data_seed: int = opt(-1, "procedural scenes: data seed of the evaluated set (-1: the "
                          "checkpoint's own, i.e. its validation set; another value gives "
                          "images distinct from those that selected the checkpoint)", min=-1)

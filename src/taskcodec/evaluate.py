@@ -311,10 +311,12 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     # Both layers are scored: the base on its task, a segmentation enhancement on masks.
     source = _data_source(config, codec)
     split = check_plain_split("val" if config.split == "auto" else config.split, source)
+    # Procedural scenes have as many images as asked for: --max-images sets their number.
+    length = {"length": config.max_images} if source == "scenes" and config.max_images else {}
     dataset = build_task_dataset(_data_source(config, codec), split,
                                  task=(task, "segmentation") if target == "segmentation" else task,
                                  size=int(codec.config.get("image_size", 128)),
-                                 data_seed=data_seed_of(config, codec))
+                                 data_seed=data_seed_of(config, codec), **length)
     evaluators = {"base": TaskEvaluator(task, int(base_args["num_classes"]),
                                         str(base_args.get("depth_target", "depth")))}
     if target == "segmentation":
@@ -352,7 +354,8 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec
     # Scenes have no native size: render them as the codec saw them in its own validation,
     # which is also what the scalable runs of the same size are measured on.
     scenes = {"patch_size": int(codec.config.get("patch_size", 256)),
-              "data_seed": data_seed_of(config, codec)} if source == "scenes" else {}
+              "data_seed": data_seed_of(config, codec),
+              "epoch_length": config.max_images or None} if source == "scenes" else {}
     dataset = build_dataset(source, config.split, max_side=config.max_side, **scenes)
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
     results, originals, recons = [], [], []

@@ -243,6 +243,35 @@ def decompress(file: Path, output: Path, layer: str, checkpoint: str, which: str
         click.echo(f"{output}: segmentation from both layers", err=True)
 
 
+@cli.command("run-plan")
+@click.argument("plan", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--results", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write {step: {command, run_id, seconds}} here as JSON")
+def run_plan(plan: Path, results: Path | None) -> None:
+    """Run a plan of trainings and evaluations in this one process (no start-up per run).
+
+    PLAN is YAML or JSON: a list of steps {name, command, options}, commands train,
+    train-base, train-enhancement, evaluate, options the settings of their --help
+    (underscored). "${STEP}" in a setting is that earlier step's run id. Every step is
+    checked before the first runs.
+
+    \b
+    Example PLAN.yaml:
+      defaults: {train-base: {task: depth, max_steps: 300, N: 16, M: 16}}
+      steps:
+        - {name: base-s0, command: train-base, options: {seed: 0}}
+        - {name: eval-s0, command: evaluate, options: {checkpoint: "${base-s0}"}}
+    """
+    from taskcodec.driver import load_plan, write_results
+    from taskcodec.driver import run_plan as run_steps
+
+    steps = load_plan(plan)
+    done = run_steps(steps, on_step=lambda r: click.echo(
+        f"{r.name}: {r.command} run {r.run_id} ({r.seconds:.0f} s)"))
+    if results:
+        write_results(done, results)
+
+
 cli.add_command(compare_cmd.compare)
 cli.add_command(doctor_cmd.doctor)
 
