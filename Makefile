@@ -14,7 +14,7 @@ UI_PORT   ?= 5000
 -include deploy/tracking.mk
 -include benchmarks/bench.mk
 
-.PHONY: help init install update build test demo mlflow-ui lint clean system-deps scalable-demo
+.PHONY: help init install update build test demo mlflow-ui lint clean system-deps scalable-demo paper-check
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ demo: install ## train a small codec on the embedded images, evaluate it, compar
 
 scalable-demo: install ## the scalable-coding pipeline on the embedded scenes (base, enhancements, RD)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/scalable-demo
+
+paper-check: install ## the papers' claims H1-H4 at CPU scale: 5 seeds, one process, verdicts by the numbers
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/paper-check
 
 mlflow-ui: install ## open the MLflow UI over the local store (./mlflow.db) on 127.0.0.1
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C to stop)"

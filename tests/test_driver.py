@@ -28,6 +28,12 @@ def test_a_bad_plan_is_refused_before_anything_runs(steps, message):
         run_plan(steps)
 
 
+def test_a_plan_refuses_to_run_inside_an_mlflow_run(monkeypatch):
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
+    with pytest.raises(ConfigError, match="cannot run inside `mlflow run`"):
+        run_plan([{"name": "a", "command": "train-base"}])
+
+
 def test_plan_file_defaults_apply_under_each_step(tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text("defaults: {train-base: {task: depth, max_steps: 7}}\n"

@@ -22,6 +22,7 @@ command). Clusters keep using ``--sweep seed=...``: one job per run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -150,6 +151,9 @@ def run_plan(steps: Sequence[Step | Mapping[str, Any]], *,
     """Run every step in order in this process; the results by step name. The whole plan is
     checked first; a failing step stops the plan (its error, naming the step, is raised)."""
     checked = parse_steps(steps)
+    if os.environ.get("MLFLOW_RUN_ID"):  # every step would take over that one run
+        raise ConfigError("a plan makes one MLflow run per step: it cannot run inside "
+                          "`mlflow run` ($MLFLOW_RUN_ID is set)")
     results: dict[str, StepResult] = {}
     for step in checked:
         try:
