@@ -29,7 +29,7 @@ def test_scalable_demo_trains_evaluates_and_compares_every_curve(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "BASE_STEPS": "2", "PRE_STEPS": "2", "FT_STEPS": "1", "ALPHAS": "256", "BETA": "5",
-           "IMAGE_SIZE": "64", "VAL_IMAGES": "2", "OUTPUT_DIR": str(out),
+           "IMAGE_SIZE": "64", "VAL_IMAGES": "2", "EVAL_IMAGES": "3", "OUTPUT_DIR": str(out),
            "MLFLOW_EXPERIMENT_NAME": "demo-test"}
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     # an evaluate run from an earlier pipeline in the same experiment must stay out of the plot
@@ -61,6 +61,10 @@ def test_scalable_demo_trains_evaluates_and_compares_every_curve(tmp_path):
     # curve here: the rows say why BD cannot be computed)
     ratios = {r["curve"] for r in csv.DictReader(open(out / "ratio.csv", newline=""))}
     assert ratios == {"conditional/0.0", "residual/0.0", "standalone-refit/0.0"}
+    # paper 2's beta contrast is anchored on conditional/0, not on a baseline
+    contrast = json.loads((out / "beta-contrast" / "bd.json").read_text())
+    assert contrast["anchor"] == "conditional/0.0"
+    assert {r["curve"] for r in contrast["rows"]} == {"conditional/5.0"}
 
     # lineage: every point was fine-tuned from its curve's start run, on the right base
     runs = {r.info.run_name: r for r in client.search_runs(
@@ -75,5 +79,8 @@ def test_scalable_demo_trains_evaluates_and_compares_every_curve(tmp_path):
     assert (runs["conditional-beta5-a256"].data.tags["base_run_id"]
             == runs["base-beta5"].info.run_id)
     assert runs["eval-residual-beta0-a256"].data.tags["entry_point"] == "evaluate"
+    # evaluated on scenes that selected no checkpoint (training validates on data seed 0)
+    evaluated = runs["eval-residual-beta0-a256"].data.params
+    assert (evaluated["data_seed"], evaluated["images"]) == ("1000", "3")
     assert runs["standalone-refit-beta0-a256"].data.tags["baseline_of"] == "paper2-standalone"
     assert runs["eval-upper-beta0-a256"].data.tags["baseline_of"] == "paper1-upper"

@@ -162,6 +162,7 @@ class LoopConfig(Config):
     monitors: ClassVar[tuple[str, ...]] = ("val_loss",)
     #: The settings that shape the model: --init-from takes them from its source checkpoint.
     architecture: ClassVar[tuple[str, ...]] = ()
+    fits_weights: ClassVar[dict[str, frozenset]] = {}
 
     data: str = opt("embedded", "'embedded' (images shipped with scikit-image) or a folder/"
                     ".zip/.tar of images")
@@ -381,6 +382,10 @@ class EnhancementConfig(LoopConfig):
                                            "val_ms_ssim", "val_miou")
     architecture: ClassVar[tuple[str, ...]] = ("method", "target", "N", "M",
                                                "condition_decoder")
+    # Settings that differ from the --init-from weights' and still fit them: (stored, given).
+    # upper is lower's model charged fewer bits; standalone-refit re-fits a conditional run.
+    fits_weights: ClassVar[dict[str, frozenset]] = {"method": frozenset(
+        {("lower", "upper"), ("upper", "lower"), ("conditional", "standalone-refit")})}
 
     base_run: str = opt("", "MLflow run id (or checkpoint path) of the trained base layer")
     data: str = opt("scenes", "'scenes' (procedural, embedded), coco:PATH or cityscapes:PATH")

@@ -270,6 +270,8 @@ class Trainer:
         for name in cls.architecture:
             if name not in stored or stored[name] == getattr(given, name):
                 continue
+            if (stored[name], getattr(given, name)) in cls.fits_weights.get(name, ()):
+                continue
             if getattr(given, name) != defaults[name]:
                 raise ConfigError(f"{name}={getattr(given, name)} conflicts with init_from={ref}, "
                                   f"whose weights have {name}={stored[name]} (leave {name} out "
