@@ -48,14 +48,22 @@ def test_plan_file_defaults_apply_under_each_step(tmp_path):
 
 
 def test_trainings_and_evaluations_run_in_one_process_and_log_both_seeds(torch_one_thread):
+    """One plan: a base, an evaluation on other scenes, and paper 1's baselines, upper
+    starting from lower's weights (upper is lower's model charged fewer bits, so --init-from
+    a lower run with method=upper is no architecture conflict: make scalable-demo does it)."""
     from mlflow.tracking import MlflowClient
 
     from taskcodec import tracking
 
+    tiny = {k: v for k, v in TINY_BASE.items() if k != "task"}
     runs = run_plan([
         {"name": "base", "command": "train-base", "options": {**TINY_BASE, "seed": 3}},
         {"name": "eval", "command": "evaluate",
          "options": {"checkpoint": "${base}", "data_seed": 5, "max_images": 3, "jpeg": False}},
+        {"name": "lower", "command": "train-enhancement",
+         "options": {**tiny, "base_run": "${base}", "method": "lower"}},
+        {"name": "upper", "command": "train-enhancement",
+         "options": {**tiny, "base_run": "${base}", "method": "upper", "init_from": "${lower}"}},
     ])
     client = MlflowClient(tracking.tracking_uri())
     trained = client.get_run(runs["base"].run_id).data
@@ -67,22 +75,5 @@ def test_trainings_and_evaluations_run_in_one_process_and_log_both_seeds(torch_o
     assert (evaluated.tags["seed"], evaluated.tags["data_seed"]) == ("3", "5")
     assert evaluated.params["images"] == "3"
     assert runs["eval"].result["summary"]["bpp"] > 0
-
-
-def test_upper_starts_from_lower_weights_as_the_scalable_demo_does(torch_one_thread):
-    """upper is lower's model charged fewer bits: --init-from a lower run with method=upper is
-    not an architecture conflict (make scalable-demo fine-tunes both from one start)."""
-    from mlflow.tracking import MlflowClient
-
-    from taskcodec import tracking
-
-    tiny = {k: v for k, v in TINY_BASE.items() if k != "task"}
-    runs = run_plan([
-        {"name": "base", "command": "train-base", "options": TINY_BASE},
-        {"name": "lower", "command": "train-enhancement",
-         "options": {**tiny, "base_run": "${base}", "method": "lower"}},
-        {"name": "upper", "command": "train-enhancement",
-         "options": {**tiny, "base_run": "${base}", "method": "upper", "init_from": "${lower}"}},
-    ])
-    upper = MlflowClient(tracking.tracking_uri()).get_run(runs["upper"].run_id).data
+    upper = client.get_run(runs["upper"].run_id).data
     assert upper.params["method"] == "upper" and upper.tags["init_from"] == runs["lower"].run_id
