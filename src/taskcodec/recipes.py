@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taskcodec.codecs import rebuild
 from taskcodec.config import BaseConfig, EnhancementConfig, LoopConfig, TrainConfig
 from taskcodec.data.transforms import crop_padding, pad_to_multiple
-from taskcodec.errors import CheckpointError
 from taskcodec.metrics import bpp_from_likelihoods, ms_ssim, psnr
 
 PAD_MULTIPLE = 64
@@ -97,11 +97,7 @@ class CodecRecipe(Recipe):
         c = self.config
         return {"kind": "codec", "codec": c.codec, "N": c.N, "M": c.M}
 
-    @staticmethod
-    def build_model(args: dict[str, Any]) -> nn.Module:
-        from taskcodec.codecs import build_codec
-
-        return build_codec(args["codec"], N=int(args["N"]), M=int(args["M"]))
+    build_model = staticmethod(rebuild.build_codec_model)
 
     def datasets(self):
         from taskcodec.data import build_dataset
@@ -233,13 +229,7 @@ class BaseRecipe(Recipe):
                 "entropy_model": c.entropy_model, "num_classes": _class_counts(train, c.task),
                 "synthesis_head": c.beta > 0}
 
-    @staticmethod
-    def build_model(args):
-        from taskcodec.codecs.scalable import BaseModel
-
-        return BaseModel(N=int(args["N"]), M=int(args["M"]), task=args["task"],
-                         entropy_model=args["entropy_model"], num_classes=int(args["num_classes"]),
-                         synthesis_head=bool(args["synthesis_head"]))
+    build_model = staticmethod(rebuild.build_base)
 
     def _parts(self, model, x: Tensor, targets: list[dict], out: dict) -> dict[str, Tensor]:
         c = self.config
@@ -305,21 +295,6 @@ class BaseRecipe(Recipe):
 # -- scalable coding: the enhancement layer -------------------------------------------------
 
 
-def load_base(ref: str):
-    """A trained base layer (frozen) and its checkpoint's config, from a run id or a path."""
-    from taskcodec import checkpoints
-
-    ckpt, _ = checkpoints.load_ref(ref, "best")
-    args = ckpt.get("model_args") or {}
-    if args.get("kind") != "base":
-        raise CheckpointError(f"base_run={ref}: its checkpoint is a {args.get('kind', 'codec')} "
-                              "model, not a train-base run")
-    model = BaseRecipe.build_model(args)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, ckpt
-
-
 class EnhancementRecipe(Recipe):
     def __init__(self, config: EnhancementConfig) -> None:
         from taskcodec.data import collate
@@ -331,7 +306,7 @@ class EnhancementRecipe(Recipe):
 
     def base(self):
         if self._base is None:
-            self._base = load_base(self.config.base_run)
+            self._base = rebuild.load_base(self.config.base_run)
         return self._base
 
     def prepare(self) -> None:
@@ -356,7 +331,7 @@ class EnhancementRecipe(Recipe):
                 "base_fingerprint": ckpt.get("fingerprint", "")}
 
     def build_model(self, args):
-        return build_scalable(args, self.base()[0])
+        return rebuild.build_scalable(args, self.base()[0])
 
     def trainable(self, model):
         return model.enhancement
@@ -415,31 +390,6 @@ class EnhancementRecipe(Recipe):
         return tags
 
 
-def build_scalable(args: dict[str, Any], base: nn.Module | None = None) -> nn.Module:
-    """A ScalableModel from checkpoint model_args (the base rebuilt when not given)."""
-    from taskcodec.codecs.scalable import EnhancementModel, ScalableModel
-
-    if base is None:
-        base = BaseRecipe.build_model(args["base"])
-    enhancement = EnhancementModel(N=int(args["N"]), M=int(args["M"]),
-                                   M_base=int(args["base"]["M"]), method=args["method"],
-                                   target=args["target"], num_classes=int(args["num_classes"]),
-                                   condition_decoder=bool(args["condition_decoder"]))
-    return ScalableModel(base, enhancement)
-
-
-def build_from_args(args: dict[str, Any]) -> nn.Module:
-    """Rebuild any checkpoint's model from its stored ``model_args``."""
-    kind = args.get("kind", "codec")
-    if kind == "codec":
-        return CodecRecipe.build_model(args)
-    if kind == "base":
-        return BaseRecipe.build_model(args)
-    if kind == "scalable":
-        return build_scalable(args)
-    raise CheckpointError(f"unknown model kind {kind!r} in checkpoint")
-
-
 def recipe_for(config: LoopConfig) -> Recipe:
     if isinstance(config, TrainConfig):
         return CodecRecipe(config)
@@ -455,4 +405,4 @@ def higher_is_better(metric: str) -> bool:
 
 
 __all__ = ["Recipe", "CodecRecipe", "BaseRecipe", "EnhancementRecipe", "recipe_for",
-           "build_from_args", "load_base", "higher_is_better", "TaskEvaluator"]
+           "higher_is_better", "TaskEvaluator"]

@@ -148,7 +148,7 @@ def _header_name(args: dict[str, Any], config: dict[str, Any]) -> str:
 
 def load_codec(ref: str, which: str = "best") -> LoadedCodec:
     """Load a model from a checkpoint path or an MLflow run id, with its entropy tables built."""
-    from taskcodec.recipes import build_from_args
+    from taskcodec.codecs.rebuild import build_from_args
 
     ckpt, path = checkpoints.load_ref(ref, which)
     config = ckpt["config"]
