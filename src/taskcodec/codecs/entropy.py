@@ -42,13 +42,17 @@ from compressai import ans
 from compressai.entropy_models import EntropyModel
 from torch import nn
 
-from taskcodec.errors import BitstreamError
+from taskcodec.errors import BitstreamError, DesyncError
 
 PRECISION = 16  # CompressAI's entropy_coder_precision (its C++ decoder hard-codes 16)
 BYPASS_BITS = 4
 MAX_BYPASS_GROUPS = 8  # 8 groups of 4 bits hold any 32-bit raw value: more is corruption
 RANS64_L = 1 << 31  # lower bound of the normalised state interval; the encoder starts here
 DIGEST_SIZE = 4  # bytes of the per-layer symbol digest
+DESYNC_ADVICE = ("this decoder's entropy parameters differ from the encoder's (another kind of "
+                 "CPU/GPU or library rounds the hyper-decoder differently); decode on the same "
+                 "kind of device as the encoder, or use a deterministic integer "
+                 "entropy-parameter path")
 
 
 def rans_decode(string: bytes, indexes: Sequence[int], cdfs: Sequence[Sequence[int]],
@@ -117,9 +121,10 @@ def rans_decode(string: bytes, indexes: Sequence[int], cdfs: Sequence[Sequence[i
             value = -(raw >> 1) - 1 if raw & 1 else (raw >> 1) + max_value
         out[i] = value + offsets[idx]
     if x != RANS64_L or pos != nwords:
-        raise BitstreamError(
+        raise DesyncError(
             "corrupt or desynchronised entropy-coded string: the decoder did not end where the "
-            f"encoder began ({nwords - pos} of {nwords} words unread)")
+            f"encoder began ({nwords - pos} of {nwords} words unread); if the file is intact, "
+            f"{DESYNC_ADVICE}")
     return out
 
 
