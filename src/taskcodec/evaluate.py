@@ -23,6 +23,7 @@ from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, load_codec
 from taskcodec.config import EvalConfig
 from taskcodec.data import build_dataset
 from taskcodec.data.transforms import pad_to_multiple
+from taskcodec.errors import BitstreamError, DataError, TaskcodecError
 from taskcodec.metrics import bpp_from_bytes, bpp_from_likelihoods, ms_ssim, psnr
 
 log = logging.getLogger(__name__)
@@ -162,11 +163,23 @@ def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
     return row
 
 
+def _survive(index: int, failures: list[str], work):
+    """``work()``, or None after logging and recording a bad image or file: one bad item
+    must not cost the results of the others (the command exits non-zero at the end)."""
+    try:
+        return work()
+    except (BitstreamError, DataError) as err:
+        log.warning("image %d: %s", index, err)
+        failures.append(f"image {index}: {err}")
+        return None
+
+
 def _data_source(config: EvalConfig, codec: LoadedCodec) -> str:
     return config.data or str(codec.config.get("data") or "embedded")
 
 
-def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[dict], dict]:
+def _evaluate_task(config: EvalConfig, codec: LoadedCodec, failures: list[str]
+                   ) -> tuple[dict, list[dict], dict]:
     from statistics import mean as average
 
     from tqdm import tqdm
@@ -190,8 +203,13 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
     rows = []
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
-        image, sample_target = dataset[i]
-        rows.append({"index": i, **evaluate_task_sample(codec, image, sample_target, evaluators)})
+        def work(i=i):
+            image, sample_target = dataset[i]
+            return evaluate_task_sample(codec, image, sample_target, evaluators)
+        row = _survive(i, failures, work)
+        if row is not None:
+            rows.append({"index": i, **row})
+    _check_some(rows, failures)
     summary = {k: average(r[k] for r in rows) for k in rows[0] if k != "index"}
     base_metrics = evaluators["base"].result()
     if task == "reconstruction":
@@ -203,7 +221,7 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     return summary, rows, {"task": task, "target": target}
 
 
-def _evaluate_images(config: EvalConfig, codec: LoadedCodec
+def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str]
                      ) -> tuple[dict, list[ImageResult], list, list]:
     from tqdm import tqdm
 
@@ -213,15 +231,27 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec
     count = len(dataset) if not config.max_images else min(config.max_images, len(dataset))
     results, originals, recons = [], [], []
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
-        x = dataset[i]
-        result, x_hat = evaluate_image(codec, x, i)
+        def work(i=i):
+            x = dataset[i]
+            return (x, *evaluate_image(codec, x, i))
+        done = _survive(i, failures, work)
+        if done is None:
+            continue
+        x, result, x_hat = done
         results.append(result)
         originals.append(x)
         recons.append(x_hat)
+    _check_some(results, failures)
     summary = summarize(results)
     if config.jpeg:
         summary.update(jpeg_reference(originals, [r.bpp for r in results]))
     return summary, results, originals, recons
+
+
+def _check_some(results: list, failures: list[str]) -> None:
+    if not results and failures:
+        raise TaskcodecError(f"no image could be evaluated ({len(failures)} failed; first: "
+                             f"{failures[0]})")
 
 
 def _write_rows(rows: list[dict], path: Path) -> Path:
@@ -247,14 +277,15 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
               "data": _data_source(config, codec), "split": config.split}
     tags = {"codec": codec.name, "entry_point": "evaluate", "kind": codec.kind,
             "checkpoint_fingerprint": codec.fingerprint, **tracking.environment_tags()}
+    failures: list[str] = []
     if codec.kind == "codec":
-        summary, results, originals, recons = _evaluate_images(config, codec)
+        summary, results, originals, recons = _evaluate_images(config, codec, failures)
         rows = [{k: getattr(r, k) for k in ImageResult.__dataclass_fields__} for r in results]
         params.update({"lmbda": stored.get("lmbda"), "N": stored.get("N"), "M": stored.get("M"),
                        "metric": stored.get("metric")})
         tags["method"] = codec.name
     else:
-        summary, rows, info = _evaluate_task(config, codec)
+        summary, rows, info = _evaluate_task(config, codec, failures)
         originals = recons = []
         base_config = codec.model_args.get("base", {})
         params.update({"alpha": stored.get("alpha"), "N": stored.get("N"), "M": stored.get("M")})
@@ -269,6 +300,8 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
             tags.update({"method": f"base-{info['task']}-beta{float(stored.get('beta', 0)):g}",
                          "beta": str(stored.get("beta", ""))})
     params["images"] = len(rows)
+    if failures:
+        tags["failed_images"] = str(len(failures))
     evaluated_run = config.checkpoint if len(config.checkpoint) == 32 else ""
     if evaluated_run:
         tags["evaluated_run_id"] = evaluated_run
@@ -293,4 +326,4 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         if started:
             mlflow.end_run()
     return {"run_id": active.info.run_id, "summary": summary, "results": rows,
-            "codec": codec.name, "kind": codec.kind}
+            "codec": codec.name, "kind": codec.kind, "failures": failures}

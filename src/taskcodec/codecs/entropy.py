@@ -42,7 +42,7 @@ from compressai import ans
 from compressai.entropy_models import EntropyModel
 from torch import nn
 
-from taskcodec.errors import BitstreamError, DesyncError
+from taskcodec.errors import DesyncError
 
 PRECISION = 16  # CompressAI's entropy_coder_precision (its C++ decoder hard-codes 16)
 BYPASS_BITS = 4
@@ -61,12 +61,11 @@ def rans_decode(string: bytes, indexes: Sequence[int], cdfs: Sequence[Sequence[i
 
     ``indexes`` pick a CDF per symbol; ``cdfs``, ``cdf_sizes`` and ``offsets`` are the entropy
     model's tables (from the checkpoint's weights, trusted). Any inconsistency of ``string``
-    is a :class:`BitstreamError`.
+    is a :class:`DesyncError` (a :class:`BitstreamError`).
     """
     n = len(string)
     if n < 8 or n % 4:
-        raise BitstreamError(f"corrupt entropy-coded string: {n} bytes is not a whole number "
-                             "(at least 2) of 32-bit words")
+        raise _undecodable(f"{n} bytes is not a whole number (at least 2) of 32-bit words")
     words = np.frombuffer(string, dtype="<u4").tolist()
     nwords = len(words)
     x = words[0] | (words[1] << 32)
@@ -78,7 +77,7 @@ def rans_decode(string: bytes, indexes: Sequence[int], cdfs: Sequence[Sequence[i
     def refill(x: int) -> int:  # only on the rare renormalisations of bypass reads
         nonlocal pos
         if pos >= nwords:
-            raise BitstreamError("corrupt entropy-coded string: it ends before its last symbol")
+            raise _undecodable("it ends before its last symbol")
         x = (x << 32) | words[pos]
         pos += 1
         return x
@@ -92,7 +91,7 @@ def rans_decode(string: bytes, indexes: Sequence[int], cdfs: Sequence[Sequence[i
         x = (cdf[s + 1] - start) * (x >> PRECISION) + cum - start
         if x < RANS64_L:
             if pos >= nwords:
-                raise BitstreamError("corrupt entropy-coded string: it ends before its last symbol")
+                raise _undecodable("it ends before its last symbol")
             x = (x << 32) | words[pos]
             pos += 1
         value = s
@@ -106,8 +105,8 @@ def rans_decode(string: bytes, indexes: Sequence[int], cdfs: Sequence[Sequence[i
                     x = refill(x)
                 groups += val
                 if groups > MAX_BYPASS_GROUPS:
-                    raise BitstreamError(f"corrupt entropy-coded string: symbol {i} claims "
-                                         f"{groups}+ bypass groups (at most {MAX_BYPASS_GROUPS})")
+                    raise _undecodable(f"symbol {i} claims {groups}+ bypass groups "
+                                       f"(at most {MAX_BYPASS_GROUPS})")
                 if val != bypass_mask:
                     break
             raw = 0
@@ -117,15 +116,19 @@ def rans_decode(string: bytes, indexes: Sequence[int], cdfs: Sequence[Sequence[i
                 if x < RANS64_L:
                     x = refill(x)
             if raw >= 1 << 31:  # the C++ decoder holds it in an int32
-                raise BitstreamError(f"corrupt entropy-coded string: symbol {i} is out of range")
+                raise _undecodable(f"symbol {i} is out of range")
             value = -(raw >> 1) - 1 if raw & 1 else (raw >> 1) + max_value
         out[i] = value + offsets[idx]
     if x != RANS64_L or pos != nwords:
-        raise DesyncError(
-            "corrupt or desynchronised entropy-coded string: the decoder did not end where the "
-            f"encoder began ({nwords - pos} of {nwords} words unread); if the file is intact, "
-            f"{DESYNC_ADVICE}")
+        raise _undecodable(f"the decoder did not end where the encoder began ({nwords - pos} "
+                           f"of {nwords} words unread)")
     return out
+
+
+def _undecodable(what: str) -> DesyncError:
+    # The layer's CRC matched before decoding began: the string is what its writer wrote.
+    return DesyncError(f"entropy-coded string does not decode: {what}; either a faulty or hostile "
+                       f"writer made it, or {DESYNC_ADVICE}")
 
 
 class CodingSession:

@@ -182,10 +182,12 @@ class LoadedCodec:
                                                 size, pads)
                     for key, value in out.items():
                         result[key] = self._crop(value, size, pads)
-        except BitstreamError:
-            raise
-        except Exception as err:  # e.g. MemoryError under a memory limit
-            raise BitstreamError(f"cannot decode this bitstream: {_first_line(err)}") from None
+        except MemoryError:
+            # Every size was checked above, so this is a limit below what max_pixels allows.
+            # Other exceptions are not caught: after those checks they would be bugs, and the
+            # fuzzer (tests/fuzz_decode.py) must see them.
+            raise BitstreamError(f"decoding this {header.width}x{header.height} image needs "
+                                 "more memory than this process may use") from None
         self._check_digests(by_name)
         return result
 
