@@ -47,7 +47,7 @@ def test_safe_decoder_returns_what_the_native_encoder_coded_including_bypass_out
         n = rng.randint(10, 200)
         indexes = [rng.randrange(2) for _ in range(n)]
         # values far outside the tables go through the bypass path (4-bit groups)
-        symbols = [rng.choice([0, 1, -1, 2, 5, -50, 10**6, -(10**8), 2**30]) for _ in range(n)]
+        symbols = [rng.choice([0, 1, -1, 2, 5, -50, 10**6, -(10**8), 2**26]) for _ in range(n)]
         string = ans.RansEncoder().encode_with_indexes(symbols, indexes, CDFS, SIZES, OFFSETS)
         assert rans_decode(string, indexes, CDFS, SIZES, OFFSETS) == symbols
         assert ans.RansDecoder().decode_with_indexes(string, indexes, CDFS, SIZES, OFFSETS) == symbols
@@ -66,11 +66,18 @@ def test_strings_that_would_send_the_native_decoder_past_their_end_are_refused(s
         rans_decode(string, [1] * 50, CDFS, SIZES, OFFSETS)
 
 
+def _version_1(data: bytes) -> bytes:
+    header, layers = bitstream.unpack(data)
+    return bitstream.pack(header, [bitstream.Layer(x.name, x.strings, x.shape) for x in layers],
+                          version=1)
+
+
 def test_honest_files_decode_bit_exactly_like_the_native_decoder(codecs, files):
     native = fuzz_decode.make_codecs()
-    fuzz_decode.use_native_decoder(native)
+    fuzz_decode.use_native_decoder(native)  # records no digest: give it the digest-free version
     for kind, data in files.items():
-        safe_out, native_out = codecs[kind].decompress(data), native[kind].decompress(data)
+        safe_out = codecs[kind].decompress(data)
+        native_out = native[kind].decompress(_version_1(data))
         for key in ("x_hat", "logits"):
             if key in safe_out:
                 assert torch.equal(safe_out[key], native_out[key]), (kind, key)
@@ -120,10 +127,8 @@ def test_a_symbol_digest_that_does_not_match_is_refused(codecs, files):
 
 def test_version_1_files_without_digests_still_decode(codecs, files):
     for kind, data in files.items():
-        header, layers = bitstream.unpack(data)
-        old = bitstream.pack(header, [bitstream.Layer(x.name, x.strings, x.shape) for x in layers],
-                             version=1)
-        assert old[4] == 1 and len(old) == len(data) - 5 * len(layers)
+        old = _version_1(data)
+        assert old[4] == 1 and len(old) == len(data) - 5 * len(bitstream.unpack(data)[1])
         new_out, old_out = codecs[kind].decompress(data), codecs[kind].decompress(old)
         assert new_out.keys() == old_out.keys()
 
@@ -144,7 +149,7 @@ def test_latent_shapes_must_match_the_header_image_size(codecs, files):
     hyper = files["codec-hyperprior"]
     assert bitstream.unpack(hyper)[1][0].shape == (1, 1)  # z of a 64x64 image: 1/64
     with pytest.raises(BitstreamError, match=r"layer 'main' has 2 strings of latent shape "
-                                             r"\(1, 1\); for a 64x65 image mbt2018-mean writes "
+                                             r"\(1, 1\); for a 65x64 image mbt2018-mean writes "
                                              r"2 of shape \(1, 2\)"):
         codecs["codec-hyperprior"].decompress(_with(hyper, width=65))
     with pytest.raises(BitstreamError, match=r"of latent shape \(1048576, 1048576\)"):
@@ -183,7 +188,7 @@ def test_2000_crc_valid_mutants_end_in_a_decode_or_a_bitstream_error_in_a_child_
     # A child process: a segfault in native code fails this test instead of killing the suite.
     # The child limits its address space and each file's decoding time itself.
     proc = subprocess.run([sys.executable, str(HERE / "fuzz_decode.py"), "--mutants", "2000",
-                           "--seed", "0", "--time-limit", "20", "--max-memory", "4"],
+                           "--seed", "0", "--time-limit", "20", "--max-memory", "6"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode >= 0, f"the decoder died of signal {-proc.returncode}:\n{proc.stderr[-3000:]}"
     assert proc.returncode == 0, proc.stderr[-3000:]
