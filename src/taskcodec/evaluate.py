@@ -163,12 +163,15 @@ def evaluate_task_sample(codec: LoadedCodec, image: torch.Tensor, target: dict,
     return row
 
 
-def _survive(index: int, failures: list[str], work):
-    """``work()``, or None after logging and recording a bad image or file: one bad item
-    must not cost the results of the others (the command exits non-zero at the end)."""
+def _survive(index: int, failures: list[str] | None, work):
+    """``work()``, or None after logging and recording a bad image or file in ``failures``:
+    one bad item must not cost the results of the others (the command exits non-zero at the
+    end). Without a ``failures`` list the error is raised."""
     try:
         return work()
     except (BitstreamError, DataError) as err:
+        if failures is None:
+            raise
         log.warning("image %d: %s", index, err)
         failures.append(f"image {index}: {err}")
         return None
@@ -178,7 +181,7 @@ def _data_source(config: EvalConfig, codec: LoadedCodec) -> str:
     return config.data or str(codec.config.get("data") or "embedded")
 
 
-def _evaluate_task(config: EvalConfig, codec: LoadedCodec, failures: list[str]
+def _evaluate_task(config: EvalConfig, codec: LoadedCodec, failures: list[str] | None = None
                    ) -> tuple[dict, list[dict], dict]:
     from statistics import mean as average
 
@@ -221,7 +224,7 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec, failures: list[str]
     return summary, rows, {"task": task, "target": target}
 
 
-def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str]
+def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str] | None = None
                      ) -> tuple[dict, list[ImageResult], list, list]:
     from tqdm import tqdm
 
@@ -248,7 +251,7 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str]
     return summary, results, originals, recons
 
 
-def _check_some(results: list, failures: list[str]) -> None:
+def _check_some(results: list, failures: list[str] | None) -> None:
     if not results and failures:
         raise TaskcodecError(f"no image could be evaluated ({len(failures)} failed; first: "
                              f"{failures[0]})")
