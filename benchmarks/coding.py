@@ -4,6 +4,11 @@ bytes actually written vs the rate the likelihoods promise.
 The CompressAI side loads the same weights into a fresh CompressAI model, ``update()``s it and
 pads the image the way CompressAI's ``eval_model`` does; taskcodec's side is ``load_codec``'s
 ``LoadedCodec.compress``/``decompress`` (header, CRCs, fingerprint check included).
+
+It also measures what decoding untrusted files costs (issue 14): the same file decoded as
+before that change - format version 1 (no symbol digests) through CompressAI's native rANS
+decoder - next to today's decode (memory-safe Python rANS decoder, bounds and digest checks),
+and the header bytes the version-2 digests add.
 """
 
 from __future__ import annotations
@@ -65,6 +70,31 @@ def _run_compressai(model, x: torch.Tensor):
     return sum(len(s[0]) for s in out["strings"]), x_hat, elapsed
 
 
+def _decode_as_before(codec, data: bytes) -> tuple[float, int]:
+    """Seconds to decode ``data`` the way taskcodec did before the safe decoder (a version-1
+    file, CompressAI's native rANS decoder), and the header bytes version 2 adds."""
+    from compressai.entropy_models import EntropyModel
+    from compressai.entropy_models.entropy_models import _EntropyCoder
+
+    from taskcodec import bitstream
+
+    header, layers = bitstream.unpack(data)
+    old = bitstream.pack(header, [bitstream.Layer(x.name, x.strings, x.shape) for x in layers],
+                         version=1)
+    models = [m for m in codec.model.modules() if isinstance(m, EntropyModel)]
+    safe = [m.entropy_coder for m in models]
+    for m in models:
+        m.entropy_coder = _EntropyCoder("ans")
+    try:
+        start = time.perf_counter()
+        codec.decompress(old)
+        elapsed = time.perf_counter() - start
+    finally:
+        for m, coder in zip(models, safe):
+            m.entropy_coder = coder
+    return elapsed, len(data) - len(old)
+
+
 def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]:
     from taskcodec import bitstream
     from taskcodec.codecs.loading import load_codec
@@ -85,6 +115,7 @@ def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]
             cai_bytes, cai_hat, cai_times = _run_compressai(model, x)
             data, tc_hat, tc_times = _run_taskcodec(codec, x)
         times = {"tc": tc_times, "cai": cai_times}
+        before_dec, added_header = _decode_as_before(codec, data)
         header, layers = bitstream.unpack(data)
         payload = sum(layer.payload_size for layer in layers)
         with torch.no_grad():
@@ -95,6 +126,9 @@ def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]
         rows.append({"image": path.name, "taskcodec enc s": times["tc"][0],
                      "compressai enc s": times["cai"][0], "taskcodec dec s": times["tc"][1],
                      "compressai dec s": times["cai"][1],
+                     "taskcodec dec s before safe decoder": before_dec,
+                     "safe decode cost x": times["tc"][1] / before_dec,
+                     "digest header bytes": added_header,
                      "bpp taskcodec (file)": len(data) * 8 / pixels,
                      "bpp compressai (payload)": cai_bytes * 8 / pixels,
                      "payload equal": payload == cai_bytes,
@@ -116,6 +150,11 @@ def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]
                    f"{med('taskcodec dec s'):.3f} / {med('compressai dec s'):.3f}",
                "encode speed compressai/taskcodec": harness.median_spread(enc_ratio),
                "decode speed compressai/taskcodec": harness.median_spread(dec_ratio),
+               "median decode s safe / before (native rANS, version 1)":
+                   f"{med('taskcodec dec s'):.3f} / {med('taskcodec dec s before safe decoder'):.3f}",
+               "safe decode time / before": harness.median_spread(
+                   [r["safe decode cost x"] for r in rows]),
+               "header bytes added by the symbol digests": rows[0]["digest header bytes"],
                "payload bytes identical on all images": all(r["payload equal"] for r in rows),
                "reconstructions identical": all(r["same x_hat"] for r in rows),
                "mean bpp taskcodec (file)": sum(r["bpp taskcodec (file)"] for r in rows) / n,
@@ -130,7 +169,10 @@ def bench_coding(ctx: dict, ckpt_path: Path, *, limit: int) -> tuple[dict, dict]
             "speed ratio = CompressAI time / taskcodec time per image (>= 1.0: taskcodec is "
             "as fast); the two sides alternate which runs first.",
             "taskcodec's time includes padding, the header, CRCs and the fingerprint check; "
-            "its bpp counts the whole file, CompressAI's only the entropy-coded strings."]
+            "its bpp counts the whole file, CompressAI's only the entropy-coded strings.",
+            "'before safe decoder' decodes the same strings as a version-1 file through "
+            "CompressAI's native rANS decoder (taskcodec's decode before issue 14); today's "
+            "decode uses the memory-safe Python decoder, bounds checks and symbol digests."]
         + note_limit)
     total_written = sum(r["bytes written"] for r in rate_rows)
     total_est = sum(r["estimated bytes"] for r in rate_rows)

@@ -78,11 +78,22 @@ def test_multi_layer_round_trip_keeps_order_and_empty_strings(two_layers):
 
 
 def test_layout_matches_documented_format():
-    layer = Layer("main", (b"yy", b"z"), (4, 300))
+    layer = Layer("main", (b"yy", b"z"), (4, 300), digest=b"\xde\xad\xbe\xef")
     entry = b"\x04main" + b"\x02\x04" + _varint(300) + b"\x02\x02\x01"
     entry += zlib.crc32(b"yyz").to_bytes(4, "little")
+    body = _body([entry + b"\x04\xde\xad\xbe\xef"], codec=b"abc",
+                 ckpt=bytes.fromhex("0123456789abcdef"), height=61, width=200)
+    header = Header("abc", "0123456789ABCDEF", 61, 200)
+    assert pack(header, [layer]) == _file(body, version=2) + b"yyz"
+    assert unpack(_file(body, version=2) + b"yyz") == (header, [layer])
+
+    # version 1 (no digest field) is still written on request and read
+    v1 = Layer("main", (b"yy", b"z"), (4, 300))
     body = _body([entry], codec=b"abc", ckpt=bytes.fromhex("0123456789abcdef"), height=61, width=200)
-    assert pack(Header("abc", "0123456789ABCDEF", 61, 200), [layer]) == _file(body) + b"yyz"
+    assert pack(header, [v1], version=1) == _file(body) + b"yyz"
+    assert unpack(_file(body) + b"yyz") == (header, [v1])
+    with pytest.raises(ValueError, match="format version 1 cannot store a symbol digest"):
+        pack(header, [layer], version=1)
 
 
 def test_base_only_read_ignores_corrupt_enhancement(model, two_layers):
@@ -144,7 +155,7 @@ def test_truncation_at_every_length_is_detected(two_layers):
         (b"\x89PNG\r\n\x1a\n", r"not a taskcodec bitstream \(magic b'\\x89PNG', expected b'TCDC'\)"),
         (b"TC", "truncated bitstream: magic needs 4 bytes, only 2 available"),
         (b"TCDC", "format version needs 1 bytes at offset 4, only 0 available"),
-        (b"TCDC\x02" + bytes(20), r"unsupported taskcodec bitstream version 2 \(this reader supports version 1\)"),
+        (b"TCDC\x03" + bytes(20), r"unsupported taskcodec bitstream version 3 \(this reader supports versions 1, 2;"),
         (b"TCDC\x01\x32" + bytes(10), "truncated bitstream: header needs 50 bytes at offset 6, only 10 available"),
         (b"TCDC\x01" + b"\xff" * 11, "header length at offset 15 is a varint longer than 10 bytes"),
         (_file(_body([]))[:-1] + b"\x00", "header CRC mismatch"),
@@ -208,6 +219,8 @@ def test_check_checkpoint():
         lambda: Layer("main", ("text",), (1,)),
         lambda: Layer("main", (b"",), (1.5,)),
         lambda: Layer("main", (b"",), (-1,)),
+        lambda: Layer("main", (b"",), (1,), digest="abcd"),
+        lambda: Layer("main", (b"",), (1,), digest=bytes(65)),
         lambda: pack(HEADER, []),
         lambda: pack(HEADER, [Layer("a", (b"",), ()), Layer("a", (b"",), ())]),
         lambda: unpack(pack(HEADER, [Layer("base", (b"",), ())]), layers="base"),
@@ -248,11 +261,11 @@ def test_write_is_atomic_and_read_names_the_file(tmp_path, two_layers):
 
 
 def test_header_size_is_small_and_exact():
-    layer = Layer("main", (bytes(10_000), bytes(300)), (32, 48))
+    layer = Layer("main", (bytes(10_000), bytes(300)), (32, 48), digest=bytes(4))
     header = Header("bmshj2018-factorized", "0123456789abcdef", height=512, width=768)
     size = bitstream.header_size(header, [layer])
     assert size == len(pack(header, [layer])) - 10_300
-    assert size < 64
+    assert size < 64 + 5  # version 2 adds 5 bytes per layer (the symbol digest)
 
 
 def test_checkpoint_fingerprint(model):

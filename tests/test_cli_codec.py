@@ -247,3 +247,57 @@ def test_compress_refuses_a_file_that_is_not_an_image(checkpoints, tmp_path):
     assert f"cannot read image {text}" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.tcd").exists()
+
+
+def test_decompress_of_a_folder_reports_bad_files_and_decodes_the_others(checkpoints, encoded,
+                                                                         tmp_path):
+    folder = tmp_path / "received"
+    folder.mkdir()
+    (folder / "a.tcd").write_bytes(encoded)
+    (folder / "b-cut.tcd").write_bytes(encoded[: len(encoded) // 2])
+    (folder / "c.tcd").write_bytes(encoded)
+    (folder / "d-not-a-bitstream.tcd").write_bytes(b"\x89PNG\r\n\x1a\n")
+    out = tmp_path / "decoded"
+    result = CliRunner().invoke(cli, ["decompress", str(folder), "-o", str(out),
+                                      "-c", str(checkpoints["a"])])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 3, result.stderr  # two files, then the summary line
+    assert "b-cut.tcd" in errors[0] and "truncated" in errors[0]
+    assert "d-not-a-bitstream.tcd" in errors[1] and "not a taskcodec bitstream" in errors[1]
+    assert errors[2].startswith(f"Error: 2 of 4 files in {folder} could not be decoded")
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]
+    assert torch.equal(read_png(out / "a.png"), read_png(out / "c.png"))
+
+
+def test_decompress_refuses_an_image_over_max_pixels(checkpoints, encoded, tmp_path):
+    bad = tmp_path / "chelsea.tcd"
+    bad.write_bytes(encoded)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(cli, ["decompress", str(bad), "-o", str(out), "--max-pixels",
+                                      "10000", "-c", str(checkpoints["a"])])
+    line = assert_refused(result, bad, out)
+    assert "(10880 pixels) is over this decoder's limit of 10000 pixels" in line
+
+
+def test_evaluate_reports_a_bad_image_and_logs_the_others(checkpoints, photo, tmp_path):
+    import mlflow
+
+    val = tmp_path / "data" / "val"
+    val.mkdir(parents=True)
+    (tmp_path / "data" / "train").mkdir()
+    (tmp_path / "data" / "train" / "t.png").write_bytes(photo.read_bytes())
+    (val / "a.png").write_bytes(photo.read_bytes())
+    (val / "b.png").write_bytes(b"not an image at all")
+    (val / "c.png").write_bytes(photo.read_bytes())
+    result = CliRunner().invoke(cli, ["evaluate", "--checkpoint", str(checkpoints["a"]),
+                                      "--data", str(tmp_path / "data"), "--jpeg", "false"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    errors = result.stderr.splitlines()[-2:]
+    assert errors[0].startswith("Error: image 1: ") and "b.png" in errors[0], result.stderr
+    assert errors[1] == ("Error: 1 images could not be evaluated; the results of the other 2 "
+                         "are logged")
+    run_id = result.stdout.split("MLflow run: ")[1].split()[0]
+    run = mlflow.get_run(run_id)
+    assert run.data.params["images"] == "2" and run.data.tags["failed_images"] == "1"
+    assert run.data.metrics["psnr"] > 0  # the mean over the two good images is logged

@@ -30,12 +30,12 @@ from click.testing import CliRunner
 
 from taskcodec import bitstream, checkpoints
 from taskcodec.codecs.loading import LoadedCodec, load_codec
+from taskcodec.codecs.rebuild import build_from_args
 from taskcodec.codecs.scalable import EnhancementModel
 from taskcodec.config import EnhancementConfig
 from taskcodec.data import ScenesDataset
 from taskcodec.errors import BitstreamError, ConfigError
 from taskcodec.outputs import write_image
-from taskcodec.recipes import build_from_args
 
 BIN = Path(sys.executable).parent
 N = M = 8

@@ -6,12 +6,12 @@ other weights yields garbage, not an error) and the image size before padding.
 A scalable codec stores several named layers ("base", "enhancement"); each layer has its
 own CRC so a reader that wants only the base never checks (or needs) the enhancement bytes.
 
-Byte layout, version 1 (``varint`` = unsigned LEB128, 1 byte below 128; ``u32`` = 4 bytes
+Byte layout, version 2 (``varint`` = unsigned LEB128, 1 byte below 128; ``u32`` = 4 bytes
 little-endian; ``str`` = varint byte length + UTF-8)::
 
     offset  size    field
     0       4       magic b"TCDC"
-    4       1       format version (1)
+    4       1       format version (2; version 1 is still read)
     5       varint  B = length of the header body that follows
             B       header body:
                       str     codec registry name, e.g. "bmshj2018-factorized"
@@ -22,13 +22,22 @@ little-endian; ``str`` = varint byte length + UTF-8)::
                         varint  D = number of latent shape dims, then D varints
                         varint  S = number of strings (one per entropy model), then S varint lengths
                         u32     CRC-32 of this layer's payload (its S strings concatenated)
+                        varint  K, then K bytes: digest of the layer's quantised symbols
+                                (blake2b, K = 4; K = 0 when the writer recorded none).
+                                Version 1 has no such field.
             4       u32 CRC-32 of every byte above (magic to the end of the header body)
             ...     payload: layer 1's strings, layer 2's strings, ... in header order
 
 The file ends exactly after the last layer's payload; anything after it is an error.
 Put the base layer first: a reader asking for the base only checks the header and the base
 payload, so it still decodes a file whose later layers are corrupt or were cut off.
-A typical single-layer header is about 60 bytes (a third of it the codec name): 0.6% of 10 KB.
+A typical single-layer header is about 65 bytes (a third of it the codec name): 0.65% of 10 KB.
+
+The CRCs catch accidents; the symbol digest catches a decode that went wrong without any byte
+being wrong: the same strings decoded with entropy parameters that differ from the encoder's
+(another CPU or GPU rounding the hyper-decoder's output differently) give other symbols, and
+the decoder refuses them (see :mod:`taskcodec.codecs.entropy`). Neither is a signature: anyone
+can recompute both, so a decoder must still treat every byte as hostile.
 """
 
 from __future__ import annotations
@@ -49,7 +58,9 @@ if TYPE_CHECKING:  # torch is only needed by checkpoint_fingerprint; keep CLI st
     import torch
 
 MAGIC = b"TCDC"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_MAX_DIGEST_BYTES = 64
 
 _CHECKPOINT_ID = re.compile(r"[0-9a-f]{16}")
 _MAX_VARINT_BYTES = 10  # enough for 64 bits; longer means corruption, not a big number
@@ -62,6 +73,7 @@ class Layer:
     name: str
     strings: tuple[bytes, ...]  # one bytes per entropy model (y, z, ...), batch item selected
     shape: tuple[int, ...]  # latent shape as CompressAI returns it
+    digest: bytes = b""  # of the quantised symbols (format version 2); b"": none recorded
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -76,6 +88,10 @@ class Layer:
             if not isinstance(s, (bytes, bytearray)):
                 raise ValueError(f"layer {self.name!r}: every string must be bytes, got {type(s).__name__}")
         shape = tuple(_dim(d, self.name) for d in self.shape)
+        if not isinstance(self.digest, (bytes, bytearray)) or len(self.digest) > _MAX_DIGEST_BYTES:
+            raise ValueError(f"layer {self.name!r}: digest must be at most {_MAX_DIGEST_BYTES} "
+                             f"bytes, got {self.digest!r:.40}")
+        object.__setattr__(self, "digest", bytes(self.digest))
         # frozen: normalise lists / torch.Size / bytearray so equality and hashing behave
         object.__setattr__(self, "strings", tuple(bytes(s) for s in strings))
         object.__setattr__(self, "shape", shape)
@@ -84,7 +100,7 @@ class Layer:
     def from_compressed(cls, name: str, compressed: Mapping[str, Any], item: int = 0) -> Layer:
         """The layer of batch item ``item`` in ``model.compress(x)``'s output."""
         strings = tuple(per_model[item] for per_model in compressed["strings"])
-        return cls(name, strings, tuple(compressed["shape"]))
+        return cls(name, strings, tuple(compressed["shape"]), compressed.get("digest", b""))
 
     def to_compressed(self) -> dict[str, Any]:
         """Arguments for ``model.decompress(**layer.to_compressed())`` (batch of one)."""
@@ -151,7 +167,9 @@ def _u32(n: int) -> bytes:
     return n.to_bytes(4, "little")
 
 
-def _encode_header(header: Header, layers: Sequence[Layer]) -> bytes:
+def _encode_header(header: Header, layers: Sequence[Layer], version: int = FORMAT_VERSION) -> bytes:
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"version must be one of {READABLE_VERSIONS}, got {version!r}")
     if not isinstance(header, Header):
         raise ValueError(f"header must be a Header, got {type(header).__name__}")
     layers = list(layers)
@@ -174,13 +192,20 @@ def _encode_header(header: Header, layers: Sequence[Layer]) -> bytes:
         body += _varint(len(layer.shape)) + b"".join(_varint(d) for d in layer.shape)
         body += _varint(len(layer.strings)) + b"".join(_varint(len(s)) for s in layer.strings)
         body += _u32(zlib.crc32(b"".join(layer.strings)))
-    head = MAGIC + bytes([FORMAT_VERSION]) + _varint(len(body)) + bytes(body)
+        if version >= 2:
+            body += _varint(len(layer.digest)) + layer.digest
+        elif layer.digest:
+            raise ValueError(f"layer {layer.name!r}: format version 1 cannot store a symbol digest")
+    head = MAGIC + bytes([version]) + _varint(len(body)) + bytes(body)
     return head + _u32(zlib.crc32(head))
 
 
-def pack(header: Header, layers: Sequence[Layer]) -> bytes:
-    """The file bytes for ``header`` and ``layers`` (stored in the order given: base first)."""
-    head = _encode_header(header, layers)
+def pack(header: Header, layers: Sequence[Layer], *, version: int = FORMAT_VERSION) -> bytes:
+    """The file bytes for ``header`` and ``layers`` (stored in the order given: base first).
+
+    ``version=1`` writes the previous format (no symbol digests), for compatibility tests.
+    """
+    head = _encode_header(header, layers, version)
     return head + b"".join(s for layer in layers for s in layer.strings)
 
 
@@ -282,6 +307,7 @@ class _Entry:
     shape: tuple[int, ...]
     lengths: tuple[int, ...]
     crc: int
+    digest: bytes
 
 
 def _parse_header(data: bytes) -> tuple[Header, list[_Entry], int]:
@@ -297,9 +323,10 @@ def _parse_header(data: bytes) -> tuple[Header, list[_Entry], int]:
         raise BitstreamError(f"not a taskcodec bitstream (magic {magic!r}, expected {MAGIC!r})")
     r = _Reader(data, len(MAGIC))
     version = r.take(1, "format version")[0]
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise BitstreamError(
-            f"unsupported taskcodec bitstream version {version} (this reader supports version {FORMAT_VERSION})"
+            f"unsupported taskcodec bitstream version {version} (this reader supports versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; a newer taskcodec may read it)"
         )
     body_size = r.varint("header length")
     body = r.take(body_size, "header")
@@ -319,7 +346,15 @@ def _parse_header(data: bytes) -> tuple[Header, list[_Entry], int]:
         shape = tuple(b.varint(f"shape of layer {name!r}") for _ in range(ndims))
         nstrings = b.count(f"strings of layer {name!r}")
         lengths = tuple(b.varint(f"string length in layer {name!r}") for _ in range(nstrings))
-        entries.append(_Entry(name, shape, lengths, b.u32(f"CRC of layer {name!r}")))
+        crc = b.u32(f"CRC of layer {name!r}")
+        digest = b""
+        if version >= 2:
+            size = b.count(f"digest size of layer {name!r}")
+            if size > _MAX_DIGEST_BYTES:
+                raise BitstreamError(f"corrupt header: digest of layer {name!r} is {size} bytes "
+                                     f"(at most {_MAX_DIGEST_BYTES})")
+            digest = b.take(size, f"digest of layer {name!r}")
+        entries.append(_Entry(name, shape, lengths, crc, digest))
     if b.remaining:
         raise BitstreamError(f"corrupt header: {b.remaining} unexpected bytes after the last layer")
     names = [e.name for e in entries]
@@ -386,7 +421,7 @@ def unpack(
         for n in e.lengths:
             strings.append(payload[start : start + n])
             start += n
-        out.append(Layer(e.name, tuple(strings), e.shape))
+        out.append(Layer(e.name, tuple(strings), e.shape, e.digest))
     return header, out
 
 

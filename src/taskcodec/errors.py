@@ -22,6 +22,10 @@ class BitstreamError(TaskcodecError):
     """A compressed file is truncated, corrupt, foreign or made by another checkpoint."""
 
 
+class DesyncError(BitstreamError):
+    """A file decoded to other symbols than its encoder coded: the entropy parameters differ."""
+
+
 class CheckpointError(TaskcodecError):
     """A checkpoint cannot be found or loaded."""
 

@@ -26,6 +26,7 @@ from taskcodec.config import EvalConfig
 from taskcodec.data import build_dataset
 from taskcodec.data.base import check_plain_split
 from taskcodec.data.transforms import pad_to_multiple
+from taskcodec.errors import BitstreamError, DataError, TaskcodecError
 from taskcodec.metrics import bpp_from_bytes, bpp_from_likelihoods, ms_ssim, psnr
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,20 @@ def rd_point(model: torch.nn.Module, model_args: dict[str, Any], dataset: Any,
             "test_bpp_gap": summary["bpp"] - summary["bpp_estimated"]}
 
 
+def _survive(index: int, failures: list[str] | None, work):
+    """``work()``, or None after logging and recording a bad image or file in ``failures``:
+    one bad item must not cost the results of the others (the command exits non-zero at the
+    end). Without a ``failures`` list the error is raised."""
+    try:
+        return work()
+    except (BitstreamError, DataError) as err:
+        if failures is None:
+            raise
+        log.warning("image %d: %s", index, err)
+        failures.append(f"image {index}: {err}")
+        return None
+
+
 def _data_source(config: EvalConfig, codec: LoadedCodec) -> str:
     return config.data or str(codec.config.get("data") or "embedded")
 
@@ -296,7 +311,8 @@ def _log_dataset_input(info: dict[str, Any]) -> None:
                      tags={"images": str(info["images"]), "split": info["split"]})
 
 
-def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[dict], dict]:
+def _evaluate_task(config: EvalConfig, codec: LoadedCodec, failures: list[str] | None = None
+                   ) -> tuple[dict, list[dict], dict]:
     from statistics import mean as average
 
     from tqdm import tqdm
@@ -326,11 +342,16 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
     rows, originals, previews = [], [], []
     digest = DataDigest()
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
-        image, sample_target = dataset[i]
-        digest.add(image)
-        rows.append({"index": i, **evaluate_task_sample(codec, image, sample_target, evaluators,
-                                                        previews)})
-        originals.append(image)
+        def work(i=i):
+            image, sample_target = dataset[i]
+            return image, evaluate_task_sample(codec, image, sample_target, evaluators, previews)
+        done = _survive(i, failures, work)
+        if done is not None:
+            image, row = done
+            digest.add(image)
+            rows.append({"index": i, **row})
+            originals.append(image)
+    _check_some(rows, failures)
     summary = {k: average(r[k] for r in rows) for k in rows[0] if k != "index"}
     base_metrics = evaluators["base"].result()
     if task == "reconstruction":
@@ -344,7 +365,7 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec) -> tuple[dict, list[d
                            "data": data_info(_data_source(config, codec), split, digest)}
 
 
-def _evaluate_images(config: EvalConfig, codec: LoadedCodec
+def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str] | None = None
                      ) -> tuple[dict, list[ImageResult], list, list, dict]:
     from tqdm import tqdm
 
@@ -361,17 +382,29 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec
     results, originals, recons = [], [], []
     digest = DataDigest()
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
-        x = dataset[i]
+        def work(i=i):
+            x = dataset[i]
+            return (x, *evaluate_image(codec, x, i))
+        done = _survive(i, failures, work)
+        if done is None:
+            continue
+        x, result, x_hat = done
         digest.add(x)
-        result, x_hat = evaluate_image(codec, x, i)
         results.append(result)
         originals.append(x)
         recons.append(x_hat)
+    _check_some(results, failures)
     summary = summarize(results)
     if config.jpeg:
         summary.update(jpeg_reference(originals, [r.bpp for r in results]))
     info = data_info(_data_source(config, codec), getattr(dataset, "split", config.split), digest)
     return summary, results, originals, recons, info
+
+
+def _check_some(results: list, failures: list[str] | None) -> None:
+    if not results and failures:
+        raise TaskcodecError(f"no image could be evaluated ({len(failures)} failed; first: "
+                             f"{failures[0]})")
 
 
 def _write_rows(rows: list[dict], path: Path) -> Path:
@@ -402,14 +435,15 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     tags = {"codec": codec.name, "entry_point": "evaluate", "kind": codec.kind,
             **{k: str(v) for k, v in seeds.items()},
             "checkpoint_fingerprint": codec.fingerprint, **tracking.environment_tags()}
+    failures: list[str] = []
     if codec.kind == "codec":
-        summary, results, originals, recons, data = _evaluate_images(config, codec)
+        summary, results, originals, recons, data = _evaluate_images(config, codec, failures)
         rows = [{k: getattr(r, k) for k in ImageResult.__dataclass_fields__} for r in results]
         params.update({"lmbda": stored.get("lmbda"), "N": stored.get("N"), "M": stored.get("M"),
                        "metric": stored.get("metric")})
         tags["method"] = codec.name
     else:
-        summary, rows, info = _evaluate_task(config, codec)
+        summary, rows, info = _evaluate_task(config, codec, failures)
         originals, recons = info["previews"]  # what the base layer alone shows
         data = info["data"]
         base_config = codec.model_args.get("base", {})
@@ -432,6 +466,8 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
                          "beta": str(stored.get("beta", ""))})
     params.update({k: data[k] for k in ("data", "split", "images", "data_digest")})
     tags.update({"data_name": data["data_name"], "data_digest": data["data_digest"]})
+    if failures:
+        tags["failed_images"] = str(len(failures))
     evaluated_run = config.checkpoint if len(config.checkpoint) == 32 else ""
     if evaluated_run:
         tags["evaluated_run_id"] = evaluated_run
@@ -457,4 +493,4 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         if started:
             mlflow.end_run()
     return {"run_id": active.info.run_id, "summary": summary, "results": rows,
-            "codec": codec.name, "kind": codec.kind, "data": data}
+            "codec": codec.name, "kind": codec.kind, "data": data, "failures": failures}

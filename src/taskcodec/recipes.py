@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from taskcodec.codecs import rebuild
 from taskcodec.codecs.scalable import charged_rate, method_tags
 from taskcodec.config import (
     PAD_MULTIPLE,
@@ -119,11 +120,7 @@ class CodecRecipe(Recipe):
         c = self.config
         return {"kind": "codec", "codec": c.codec, "N": c.N, "M": c.M}
 
-    @staticmethod
-    def build_model(args: dict[str, Any]) -> nn.Module:
-        from taskcodec.codecs import build_codec
-
-        return build_codec(args["codec"], N=int(args["N"]), M=int(args["M"]))
+    build_model = staticmethod(rebuild.build_codec_model)
 
     def datasets(self):
         from taskcodec.data import build_dataset
@@ -263,20 +260,7 @@ class BaseRecipe(Recipe):
                 "probe": c.probe and c.task != "reconstruction",
                 "depth_target": c.depth_target, "detection_min_size": c.detection_min_size}
 
-    @staticmethod
-    def build_model(args):
-        from taskcodec.codecs.scalable import BaseModel
-
-        # Checkpoints older than the image-space networks and probes lack those keys.
-        return BaseModel(N=int(args["N"]), M=int(args["M"]), task=args["task"],
-                         entropy_model=args["entropy_model"], num_classes=int(args["num_classes"]),
-                         synthesis_head=bool(args["synthesis_head"]),
-                         task_network=str(args.get("task_network", "latent")),
-                         synthesis_width=int(args.get("synthesis_width", 0)),
-                         probe=bool(args.get("probe", False)),
-                         depth_target=str(args.get("depth_target", "depth")),
-                         detection_min_size=int(args.get("detection_min_size", 0)),
-                         task_kwargs=args.get("task_kwargs"))
+    build_model = staticmethod(rebuild.build_base)
 
     def _weights_file(self):
         from taskcodec.tasks.image import resolve_weights
@@ -375,21 +359,6 @@ class BaseRecipe(Recipe):
 # -- scalable coding: the enhancement layer -------------------------------------------------
 
 
-def load_base(ref: str):
-    """A trained base layer (frozen) and its checkpoint's config, from a run id or a path."""
-    from taskcodec import checkpoints
-
-    ckpt, _ = checkpoints.load_ref(ref, "best")
-    args = ckpt.get("model_args") or {}
-    if args.get("kind") != "base":
-        raise CheckpointError(f"base_run={ref}: its checkpoint is a {args.get('kind', 'codec')} "
-                              "model, not a train-base run")
-    model = BaseRecipe.build_model(args)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, ckpt
-
-
 class EnhancementRecipe(Recipe):
     def __init__(self, config: EnhancementConfig) -> None:
         from taskcodec.data import collate
@@ -401,7 +370,7 @@ class EnhancementRecipe(Recipe):
 
     def base(self):
         if self._base is None:
-            self._base = load_base(self.config.base_run)
+            self._base = rebuild.load_base(self.config.base_run)
         return self._base
 
     def prepare(self) -> None:
@@ -457,7 +426,7 @@ class EnhancementRecipe(Recipe):
                 **self._condition_args(), "base_fingerprint": ckpt.get("fingerprint", "")}
 
     def build_model(self, args):
-        model = build_scalable(args, self.base()[0])
+        model = rebuild.build_scalable(args, self.base()[0])
         model.enhancement.coder.ste = self.config.ste
         return model
 
@@ -524,35 +493,6 @@ class EnhancementRecipe(Recipe):
         return tags
 
 
-def build_scalable(args: dict[str, Any], base: nn.Module | None = None) -> nn.Module:
-    """A ScalableModel from checkpoint model_args (the base rebuilt when not given)."""
-    from taskcodec.codecs.scalable import LEGACY_CONDITION, EnhancementModel, ScalableModel
-
-    if base is None:
-        base = BaseRecipe.build_model(args["base"])
-    # Checkpoints from before the condition path was configurable: M wide, two 3x3 layers.
-    condition = {"cond_channels": int(args.get("cond_channels", args["M"])),
-                 **{k: int(args.get(k, v)) for k, v in LEGACY_CONDITION.items()}}
-    enhancement = EnhancementModel(N=int(args["N"]), M=int(args["M"]),
-                                   M_base=int(args["base"]["M"]), method=args["method"],
-                                   target=args["target"], num_classes=int(args["num_classes"]),
-                                   condition_decoder=bool(args.get("condition_decoder")),
-                                   **condition)
-    return ScalableModel(base, enhancement)
-
-
-def build_from_args(args: dict[str, Any]) -> nn.Module:
-    """Rebuild any checkpoint's model from its stored ``model_args``."""
-    kind = args.get("kind", "codec")
-    if kind == "codec":
-        return CodecRecipe.build_model(args)
-    if kind == "base":
-        return BaseRecipe.build_model(args)
-    if kind == "scalable":
-        return build_scalable(args)
-    raise CheckpointError(f"unknown model kind {kind!r} in checkpoint")
-
-
 def recipe_for(config: LoopConfig) -> Recipe:
     if isinstance(config, TrainConfig):
         return CodecRecipe(config)
@@ -564,4 +504,4 @@ def recipe_for(config: LoopConfig) -> Recipe:
 
 
 __all__ = ["Recipe", "CodecRecipe", "BaseRecipe", "EnhancementRecipe", "recipe_for",
-           "build_from_args", "load_base", "higher_is_better", "TaskEvaluator"]
+           "higher_is_better", "TaskEvaluator"]

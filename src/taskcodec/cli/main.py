@@ -147,6 +147,13 @@ def evaluate(config: EvalConfig, output_dir: Path | None) -> None:
     click.echo(describe_data(result["data"]))
     click.echo(format_table(rows))
     click.echo(f"MLflow run: {result['run_id']}")
+    if result["failures"]:
+        from taskcodec.errors import TaskcodecError
+
+        for failure in result["failures"]:
+            click.echo(f"Error: {failure}", err=True)
+        raise TaskcodecError(f"{len(result['failures'])} images could not be evaluated; "
+                             f"the results of the other {len(result['results'])} are logged")
 
 
 def _read_image(path: Path):
@@ -193,29 +200,72 @@ def compress(image: Path, output: Path, checkpoint: str, which: str) -> None:
                f"({w}x{h}, {codec.name} {codec.fingerprint})", err=True)
 
 
+_PREDICTION_SUFFIX = {"detection": ".json", "classification": ".json"}
+
+
 @cli.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-              help="file to write (a PNG, or for --layer base the task's format)")
+@click.argument("file", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="file to write (a PNG, or for --layer base the task's format); for a "
+                   "folder FILE, the folder to write into")
 @click.option("--layer", type=click.Choice(["all", "base"]), default="all", show_default=True,
               help="base: decode only the base layer and run the machine task on it, without "
                    "reading the enhancement bytes")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=None, metavar="N",
+              envvar="TASKCODEC_MAX_PIXELS", show_envvar=True,
+              help="refuse files whose image has more pixels (default 4096*4096): a header "
+                   "can ask for any size")
 @_CKPT
 @_WHICH
-def decompress(file: Path, output: Path, layer: str, checkpoint: str, which: str) -> None:
-    """Decode a taskcodec bitstream FILE.
+def decompress(file: Path, output: Path, layer: str, max_pixels: int | None, checkpoint: str,
+               which: str) -> None:
+    """Decode a taskcodec bitstream FILE, or every file in the folder FILE.
 
     A single-layer file decodes to a PNG. A layered file decodes to the reconstruction (or the
     enhancement's segmentation); with --layer base, only the base layer is decoded and the
     machine task's output is written: detections as COCO results JSON, segmentation as a PNG
     of class ids, depth as a 16-bit PNG (depth * 256), classification as JSON.
 
+    For a folder, each file's output goes into the folder OUTPUT under the file's name (with
+    the output's suffix); a file that cannot be decoded is reported and the others go on, and
+    the command ends with exit status 2 if any failed.
+
     \b
     Examples:
       taskcodec decompress kodim01.tcd -o kodim01.png --checkpoint RUN_ID
       taskcodec decompress scene.tcd --layer base -o detections.json --checkpoint RUN_ID
+      taskcodec decompress received/ -o decoded/ --checkpoint RUN_ID
     """
-    from taskcodec.codecs.loading import load_codec
+    from taskcodec.codecs.loading import MAX_PIXELS, load_codec
+    from taskcodec.errors import BitstreamError, TaskcodecError
+
+    codec = load_codec(checkpoint, which)
+    if layer == "base" and codec.kind == "codec":
+        raise BitstreamError(f"{file}: a single-layer {codec.name} file has no base layer")
+    limit = max_pixels or MAX_PIXELS
+    if not file.is_dir():
+        _decompress_one(codec, file, output, layer, limit)
+        return
+    files = sorted(p for p in file.iterdir() if p.is_file() and not p.name.startswith("."))
+    if output.exists() and not output.is_dir():
+        raise click.BadParameter(f"{output} is not a folder (FILE {file} is one)",
+                                 param_hint="-o/--output")
+    output.mkdir(parents=True, exist_ok=True)
+    base_only = layer == "base" or codec.kind == "base"
+    suffix = _PREDICTION_SUFFIX.get(codec.task, ".png") if base_only else ".png"
+    failed = []
+    for path in files:
+        try:
+            _decompress_one(codec, path, output / (path.stem + suffix), layer, limit)
+        except TaskcodecError as err:  # report it, go on with the others
+            click.echo(f"Error: {err}", err=True)
+            failed.append(path.name)
+    if failed:
+        raise BitstreamError(f"{len(failed)} of {len(files)} files in {file} could not be "
+                             f"decoded: {', '.join(failed[:5])}{' ...' if len(failed) > 5 else ''}")
+
+
+def _decompress_one(codec, file: Path, output: Path, layer: str, max_pixels: int) -> None:
     from taskcodec.errors import BitstreamError
     from taskcodec.outputs import write_image, write_prediction
 
@@ -223,12 +273,10 @@ def decompress(file: Path, output: Path, layer: str, checkpoint: str, which: str
         data = file.read_bytes()
     except OSError as err:
         raise BitstreamError(f"cannot read {file}: {err.strerror}") from None
-    codec = load_codec(checkpoint, which)
     base_only = layer == "base" or codec.kind == "base"
-    if layer == "base" and codec.kind == "codec":
-        raise BitstreamError(f"{file}: a single-layer {codec.name} file has no base layer")
     try:
-        decoded = codec.decompress(data, layers={"base"} if base_only else None)
+        decoded = codec.decompress(data, layers={"base"} if base_only else None,
+                                   max_pixels=max_pixels)
     except BitstreamError as err:
         raise BitstreamError(f"{file}: {err}") from None
     if base_only:

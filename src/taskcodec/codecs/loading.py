@@ -7,21 +7,50 @@ Three kinds of checkpoints code three kinds of files:
 * ``scalable`` (``train-enhancement``): layers ``base`` then ``enhancement``. Decoding the
   base alone runs the machine task without reading the enhancement bytes; decoding both also
   gives the assisted target (the reconstruction, or a segmentation).
+
+A file is untrusted input. Before anything is allocated from it, its image size must be within
+``max_pixels`` and every layer's latent shape and string count must be what this codec writes
+for that image size; the strings are decoded by a memory-safe rANS decoder
+(:mod:`taskcodec.codecs.entropy`); the decoded symbols must match the digest the encoder stored.
+Every failure is one :class:`BitstreamError` line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from taskcodec import bitstream, checkpoints
+from taskcodec.codecs import entropy
+from taskcodec.codecs.rebuild import build_from_args
 from taskcodec.config import PAD_MULTIPLE
 from taskcodec.data.transforms import crop_padding, pad_to_multiple
-from taskcodec.errors import BitstreamError, CheckpointError
+from taskcodec.errors import BitstreamError, CheckpointError, DesyncError
+
+#: Largest image a file may ask to decode into (4096 x 4096), unless the caller allows more:
+#: decoding allocates about (N + 3) * 4 bytes per pixel in the first synthesis layers.
+MAX_PIXELS = 4096 * 4096
+MAX_PIXELS_ENV = "TASKCODEC_MAX_PIXELS"
+# An analysis transform halves the image four times (1/16); a hyper-analysis twice more (1/64).
+LATENT_STRIDE, HYPER_STRIDE = 16, 64
+
+
+def layer_layout(part: nn.Module, height: int, width: int) -> tuple[int, tuple[int, int]]:
+    """(number of strings, latent shape) that ``part.compress`` writes for a padded image.
+
+    A part with a Gaussian conditional is a hyperprior: strings (y, z), shape of z at 1/64;
+    otherwise a factorized prior: one string, shape of y at 1/16.
+    """
+    from compressai.entropy_models import GaussianConditional
+
+    hyper = any(isinstance(m, GaussianConditional) for m in part.modules())
+    stride = HYPER_STRIDE if hyper else LATENT_STRIDE
+    return (2 if hyper else 1), (height // stride, width // stride)
 
 
 def _first_line(err: BaseException) -> str:
@@ -38,6 +67,24 @@ class LoadedCodec:
     config: dict[str, Any]
     model_args: dict[str, Any]
     source: str
+    # one coding session (safe decoder + symbol digest) per layer, over that layer's part
+    sessions: dict[str, entropy.CodingSession] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.sessions = {name: entropy.install(part) for name, part in self._parts().items()}
+
+    def _parts(self) -> dict[str, nn.Module]:
+        """The sub-module that codes each layer."""
+        if self.kind == "scalable":
+            return {"base": self.model.base, "enhancement": self.model.enhancement}
+        return {self.layer_names[0]: self.model}
+
+    def _sessions(self, names: Collection[str], mode: str) -> ExitStack:
+        stack = ExitStack()
+        for name in names:
+            session = self.sessions[name]
+            stack.enter_context(session.encoding() if mode == "encode" else session.decoding())
+        return stack
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -67,14 +114,15 @@ class LoadedCodec:
             raise ValueError(f"compress takes one image at a time, got a batch of {x.shape[0]}")
         height, width = (int(v) for v in x.shape[-2:])
         padded, _ = pad_to_multiple(x, PAD_MULTIPLE)
-        with torch.no_grad():
+        with torch.no_grad(), self._sessions(self.layer_names, "encode"):
             if self.kind == "scalable":
                 out = self.model.compress(padded)["layers"]
-                layers = [bitstream.Layer.from_compressed(name, {"strings": s, "shape": shape})
-                          for name, (s, shape) in out.items()]
             else:
-                out = self.model.compress(padded)
-                layers = [bitstream.Layer.from_compressed(self.layer_names[0], out)]
+                single = self.model.compress(padded)
+                out = {self.layer_names[0]: (single["strings"], single["shape"])}
+        layers = [bitstream.Layer.from_compressed(name, {"strings": s, "shape": shape,
+                                                         "digest": self.sessions[name].digest()})
+                  for name, (s, shape) in out.items()]
         return bitstream.pack(bitstream.Header(self.name, self.fingerprint, height, width), layers)
 
     # -- decoding ------------------------------------------------------------------------------
@@ -89,41 +137,72 @@ class LoadedCodec:
                                  f"{self.name} writes {', '.join(self.layer_names)}")
         return header, by_name
 
-    def decompress(self, data: bytes, layers: Collection[str] | None = None,
-                   previews: bool = False) -> dict[str, Any]:
+    def check_bounds(self, header: bitstream.Header, by_name: dict[str, bitstream.Layer],
+                     max_pixels: int = MAX_PIXELS) -> tuple[tuple[int, int], tuple]:
+        """Refuse a file whose sizes this codec would not write, before allocating from them.
+
+        Returns the padded image size and the padding to crop.
+        """
+        pixels = header.height * header.width
+        if pixels > max_pixels:
+            raise BitstreamError(
+                f"image size {header.width}x{header.height} ({pixels} pixels) is over this "
+                f"decoder's limit of {max_pixels} pixels (raise it with --max-pixels or "
+                f"${MAX_PIXELS_ENV} if you trust the file)")
+        padded, pads = pad_to_multiple(torch.empty(1, 0, header.height, header.width),
+                                       PAD_MULTIPLE)
+        size = (int(padded.shape[-2]), int(padded.shape[-1]))
+        parts = self._parts()
+        for name, layer in by_name.items():
+            count, shape = layer_layout(parts[name], *size)
+            if len(layer.strings) != count or layer.shape != shape:
+                raise BitstreamError(
+                    f"layer {name!r} has {len(layer.strings)} strings of latent shape "
+                    f"{layer.shape}; for a {header.width}x{header.height} image {self.name} "
+                    f"writes {count} of shape {shape}")
+        return size, pads
+
+    def decompress(self, data: bytes, layers: Collection[str] | None = None, *,
+                   previews: bool = False, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
         """Decode a file. ``layers={"base"}`` decodes only the base layer (machine task).
 
         Returns ``x_hat`` (1x3xHxW) when the file carries a reconstruction, ``task`` (the
         machine task's prediction at the image's size) when it carries a base layer, and
         ``logits`` for an enhancement serving segmentation. With ``previews``, also what the
         base layer alone shows a human: ``preview`` (the base's probe or synthesis head) and,
-        for a residual enhancement, ``prediction`` (its predictor's image).
+        for a residual enhancement, ``prediction`` (its predictor's image). A file whose image
+        is larger than ``max_pixels`` is refused.
         """
         header, by_name = self.read(data, layers)
-        padded, pads = pad_to_multiple(torch.empty(1, 0, header.height, header.width),
-                                       PAD_MULTIPLE)
-        size = tuple(padded.shape[-2:])
+        size, pads = self.check_bounds(header, by_name, max_pixels)
         result: dict[str, Any] = {"header": header}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._sessions(by_name, "decode"):
+                compressed = {name: (layer.to_compressed()["strings"], layer.shape)
+                              for name, layer in by_name.items()}
                 if self.kind == "codec":
-                    x_hat = self.model.decompress(**by_name["main"].to_compressed())["x_hat"]
+                    x_hat = self.model.decompress(*compressed["main"])["x_hat"]
                     result["x_hat"] = self._crop(x_hat, size, pads).clamp_(0, 1)
-                    return result
-                base = self.model.base if self.kind == "scalable" else self.model
-                y_hat_b = base.decompress(**by_name["base"].to_compressed())["y_hat"]
-                result["task"] = _crop_task(base.run_task(y_hat_b, size), size, pads)
-                if previews:
-                    result.update(self._previews(base, y_hat_b, size, pads))
-                if "enhancement" in by_name:
-                    out = self.model.enhancement.decompress(
-                        **by_name["enhancement"].to_compressed(), y_hat_b=y_hat_b)
+                else:
+                    if self.kind == "scalable":
+                        base = self.model.base
+                        out = self.model.decompress(compressed)
+                    else:
+                        base = self.model
+                        out = {"y_hat_b": base.decompress(*compressed["base"])["y_hat"]}
+                    y_hat_b = out.pop("y_hat_b")
+                    result["task"] = _crop_task(base.run_task(y_hat_b, size), size, pads)
+                    if previews:
+                        result.update(self._previews(base, y_hat_b, size, pads))
                     for key, value in out.items():
                         result[key] = self._crop(value, size, pads)
-        except BitstreamError:
-            raise
-        except Exception as err:  # malformed shapes that still passed the CRC
-            raise BitstreamError(f"cannot decode this bitstream: {_first_line(err)}") from None
+        except MemoryError:
+            # Every size was checked above, so this is a limit below what max_pixels allows.
+            # Other exceptions are not caught: after those checks they would be bugs, and the
+            # fuzzer (tests/fuzz_decode.py) must see them.
+            raise BitstreamError(f"decoding this {header.width}x{header.height} image needs "
+                                 "more memory than this process may use") from None
+        self._check_digests(by_name)
         return result
 
     def _previews(self, base: nn.Module, y_hat_b: Tensor, size: tuple[int, int], pads
@@ -136,6 +215,15 @@ class LoadedCodec:
         if predictor is not None:
             out["prediction"] = self._crop(predictor(y_hat_b).clamp(0, 1), size, pads)
         return out
+
+    def _check_digests(self, by_name: dict[str, bitstream.Layer]) -> None:
+        for name, layer in by_name.items():
+            got = self.sessions[name].digest()
+            if layer.digest and got != layer.digest:
+                raise DesyncError(
+                    f"layer {name!r} decoded to other symbols than were encoded (symbol digest "
+                    f"{got.hex()}, the file says {layer.digest.hex()}): "
+                    f"{entropy.DESYNC_ADVICE}")
 
     @staticmethod
     def _crop(t: Tensor, size: tuple[int, int], pads) -> Tensor:
@@ -173,8 +261,6 @@ def _header_name(args: dict[str, Any], config: dict[str, Any]) -> str:
 
 def load_codec(ref: str, which: str = "best") -> LoadedCodec:
     """Load a model from a checkpoint path or an MLflow run id, with its entropy tables built."""
-    from taskcodec.recipes import build_from_args
-
     ckpt, path = checkpoints.load_ref(ref, which)
     config = ckpt["config"]
     args = ckpt.get("model_args") or {"kind": "codec", "codec": config.get("codec"),

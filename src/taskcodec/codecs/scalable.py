@@ -462,5 +462,17 @@ class ScalableModel(CompressionModel):
         return {"layers": {"base": (base["strings"], base["shape"]),
                            "enhancement": (enh["strings"], enh["shape"])}}
 
+    def decompress(self, layers: dict[str, tuple[list, tuple]]) -> dict[str, Tensor]:
+        """The inverse of :meth:`compress`: ``layers`` maps a layer name to its (strings, shape).
+
+        The base decodes alone (``{"base": ...}``: the machine task's latent ``y_hat_b``);
+        with ``"enhancement"`` too, the assisted target (``x_hat`` or ``logits``) is added.
+        """
+        y_hat_b = self.base.decompress(*layers["base"])["y_hat"]
+        out: dict[str, Tensor] = {"y_hat_b": y_hat_b}
+        if "enhancement" in layers:
+            out.update(self.enhancement.decompress(*layers["enhancement"], y_hat_b=y_hat_b))
+        return out
+
     def aux_loss(self) -> Tensor:
         return self.enhancement.aux_loss()
