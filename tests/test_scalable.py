@@ -832,7 +832,9 @@ def test_standalone_refit_changes_only_the_entropy_model_of_its_conditional_sour
     monkeypatch.chdir(tmp_path)
     status, _, err = run_cli("train-enhancement", "--base-run", runs.base, "--method",
                              "standalone-refit", "--init-from", runs.base, *TINY)
-    assert "re-fits a conditional run, not a base run" in one_error_line(status, err)
+    # refused before any run is made: a refit starts from a conditional enhancement's weights
+    assert (f"init_from={runs.base} is a train-base checkpoint; train-enhancement cannot start "
+            "from its weights") in one_error_line(status, err)
     refit = run_id_from(run_ok("train-enhancement", "--base-run", runs.base, "--method",
                                "standalone-refit", "--init-from", runs.enhancement,
                                "--alpha", "0.01", "--lr", "0.01", *TINY))
