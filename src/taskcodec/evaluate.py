@@ -414,7 +414,7 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     mlflow.set_tracking_uri(uri)
     if mlflow.active_run() is None:
         tracking.check_run_destination(uri)  # before the work, not when logging its results
-    codec = load_codec(config.checkpoint, config.which)
+    codec = load_codec(config.checkpoint, config.which, config.codec)
     stored = codec.config
     params = {"codec": codec.name, "checkpoint": config.checkpoint, "which": config.which}
     tags = {"codec": codec.name, "entry_point": "evaluate", "kind": codec.kind,
