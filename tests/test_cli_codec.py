@@ -34,15 +34,19 @@ def checkpoints(tmp_path_factory, module_env) -> dict[str, Path]:
     return {name: folder / name / "best.pt" for name in ("a", "b")}
 
 
+def _embedded_png(folder: Path, max_side: int) -> Path:
+    from taskcodec.data.embedded import load_embedded
+
+    image, _ = load_embedded("chelsea", max_side)
+    path = folder / "chelsea.png"
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def photo(tmp_path_factory) -> Path:
     """An embedded photograph, 128x85 (odd height), as a PNG."""
-    from taskcodec.data.embedded import load_embedded
-
-    image, _ = load_embedded("chelsea", 128)
-    path = tmp_path_factory.mktemp("photo") / "chelsea.png"
-    Image.fromarray(image.permute(1, 2, 0).numpy()).save(path)
-    return path
+    return _embedded_png(tmp_path_factory.mktemp("photo"), 128)
 
 
 @pytest.fixture(scope="module")
@@ -301,3 +305,112 @@ def test_evaluate_reports_a_bad_image_and_logs_the_others(checkpoints, photo, tm
     run = mlflow.get_run(run_id)
     assert run.data.params["images"] == "2" and run.data.tags["failed_images"] == "1"
     assert run.data.metrics["psnr"] > 0  # the mean over the two good images is logged
+
+
+# --- CompressAI interop: its own evaluator on our checkpoints, its checkpoints here ---------
+
+
+@pytest.fixture(scope="module")
+def big_photo(tmp_path_factory) -> Path:
+    """An embedded photograph, 256x170: CompressAI's MS-SSIM needs over 160 px a side."""
+    return _embedded_png(tmp_path_factory.mktemp("big-photo"), 256)
+
+
+def _compressai_inference(net, photo: Path) -> dict:
+    from compressai.utils.eval_model.__main__ import inference, read_image
+
+    with torch.no_grad():
+        return inference(net, read_image(photo))
+
+
+def _taskcodec_measure(codec, photo: Path) -> tuple[float, float, float]:
+    """(file bpp, payload bpp, PSNR on 8-bit values) of ``taskcodec``'s own round trip."""
+    from taskcodec import bitstream
+    from taskcodec.evaluate import evaluate_image
+    from taskcodec.metrics import psnr
+
+    x = read_png(photo).float() / 255
+    result, x_hat = evaluate_image(codec, x)
+    data = codec.compress(x)
+    _, layers = bitstream.unpack(data)
+    payload = sum(len(s) for layer in layers for s in layer.strings)
+    pixels = x.shape[-2] * x.shape[-1]
+    assert result.bpp == pytest.approx(8 * len(data) / pixels)
+    eight_bit = (x_hat * 255).clamp(0, 255).round() / 255
+    return result.bpp, 8 * payload / pixels, psnr(x.unsqueeze(0), eight_bit.reshape(1, *x.shape))
+
+
+def test_compressai_eval_model_reads_a_taskcodec_checkpoint_as_it_is(checkpoints, big_photo):
+    from compressai.utils.eval_model.__main__ import load_checkpoint
+
+    from taskcodec.codecs.loading import load_codec
+
+    net = load_checkpoint("bmshj2018-factorized", False, str(checkpoints["a"]))
+    theirs = _compressai_inference(net, big_photo)
+    file_bpp, payload_bpp, ours_psnr = _taskcodec_measure(load_codec(str(checkpoints["a"])),
+                                                          big_photo)
+    assert theirs["bpp"] == pytest.approx(payload_bpp, abs=1e-9)
+    assert 0 < file_bpp - theirs["bpp"] < 8 * 64 / (256 * 170)  # taskcodec's header, < 64 bytes
+    assert theirs["psnr-rgb"] == pytest.approx(ours_psnr, abs=1e-4)
+
+
+def test_compressai_checkpoints_are_evaluated_coded_and_recognised(tmp_path, photo, big_photo):
+    from compressai.models import FactorizedPrior, MeanScaleHyperprior, ScaleHyperprior
+
+    from taskcodec.codecs.loading import load_codec
+
+    torch.manual_seed(0)
+    for cls, name, key in ((ScaleHyperprior, "bmshj2018-hyperprior", "state_dict"),
+                           (MeanScaleHyperprior, "mbt2018-mean", "network"),
+                           (FactorizedPrior, "bmshj2018-factorized", None)):
+        net = cls(N=8, M=12).eval()
+        net.update(force=True)
+        path = tmp_path / f"{name}.pth.tar"
+        # examples/train.py's layout (or a plain state dict)
+        torch.save({"epoch": 3, key: net.state_dict(), "loss": 1.0} if key else net.state_dict(),
+                   path)
+        codec = load_codec(str(path))
+        assert (codec.name, codec.model_args["N"], codec.model_args["M"]) == (name, 8, 12)
+        theirs = _compressai_inference(net, big_photo)
+        _, payload_bpp, ours_psnr = _taskcodec_measure(codec, big_photo)
+        assert theirs["bpp"] == pytest.approx(payload_bpp, abs=1e-9)
+        assert theirs["psnr-rgb"] == pytest.approx(ours_psnr, abs=1e-4)
+
+    out = tmp_path / "photo.tcd"
+    ckpt = str(tmp_path / "mbt2018-mean.pth.tar")
+    result = CliRunner().invoke(cli, ["compress", str(photo), "-o", str(out), "-c", ckpt,
+                                      "--codec", "mbt2018-mean"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["decompress", str(out), "-o", str(tmp_path / "back.png"),
+                                      "-c", ckpt])
+    assert result.exit_code == 0, result.output
+    assert read_png(tmp_path / "back.png").shape == (3, 85, 128)
+
+    for args, says in ((["--codec", "bmshj2018-factorized"], "are not a bmshj2018-factorized"),
+                       (["--codec", "nope"], "unknown codec 'nope'")):
+        result = CliRunner().invoke(cli, ["compress", str(photo), "-o", str(out), "-c", ckpt,
+                                          *args])
+        assert result.exit_code == 2 and says in result.output, result.output
+
+
+def test_a_compressai_zoo_name_is_read_from_the_torch_hub_cache_only(tmp_path, photo,
+                                                                     monkeypatch):
+    from compressai.models import ScaleHyperprior
+
+    from taskcodec.codecs.loading import load_codec
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    out = tmp_path / "photo.tcd"
+    ref = "compressai:bmshj2018-hyperprior:3"
+    result = CliRunner().invoke(cli, ["compress", str(photo), "-o", str(out), "-c", ref])
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "bmshj2018-hyperprior-3-6d87be32.pth.tar"
+    assert result.exit_code == 2 and str(expected) in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    # the zoo stores (N, M) = (128, 192) for quality 3: a file of that shape in the cache is used
+    expected.parent.mkdir(parents=True)
+    torch.save(ScaleHyperprior(N=128, M=192).state_dict(), expected)
+    codec = load_codec(ref)
+    assert (codec.name, codec.model_args["M"]) == ("bmshj2018-hyperprior", 192)
+    bad = CliRunner().invoke(cli, ["compress", str(photo), "-o", str(out), "-c",
+                                   "compressai:bmshj2018-hyperprior:x"])
+    assert bad.exit_code == 2 and "not a CompressAI zoo model" in bad.output, bad.output

@@ -4,7 +4,14 @@ Keys: ``model``, ``optimizer``, ``aux_optimizer``, ``lr_scheduler``, ``epoch``, 
 ``best``, ``bad_validations``, ``config`` (the run's full settings), ``codec``,
 ``fingerprint`` (identity of the weights, written into every bitstream), ``run_id``,
 ``format`` and ``taskcodec_version``. The config travels with the weights, so a checkpoint
-alone is enough to rebuild its codec.
+alone is enough to rebuild its codec. A single-layer codec's weights are also under
+``state_dict`` (the same tensors, so no bigger file), where CompressAI's ``eval_model
+checkpoint`` reads them.
+
+CompressAI checkpoints are read too: ``examples/train.py`` files (weights under ``state_dict``,
+``network`` or ``model_state_dict``), plain state dicts, and zoo weights by name
+(``compressai:bmshj2018-hyperprior:3``) from the local torch hub cache. Their codec is the one
+given (``--codec``) or the one registered codec whose parameters the weights fit.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from taskcodec.errors import CheckpointError
 FORMAT = 1
 ARTIFACT_DIR = "checkpoints"
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+#: Where CompressAI's tools keep the weights in a checkpoint file, in the order they look.
+COMPRESSAI_KEYS = ("network", "state_dict", "model_state_dict")
+ZOO_PREFIX = "compressai:"
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> Path:
@@ -41,7 +51,9 @@ def save_atomic(obj: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def load(path: Path) -> dict[str, Any]:
+def load(path: Path, codec: str = "") -> dict[str, Any]:
+    """A taskcodec checkpoint, or a CompressAI one converted (``codec``: its architecture,
+    needed only where the weights fit more than one)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -50,9 +62,93 @@ def load(path: Path) -> dict[str, Any]:
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"cannot load checkpoint {path}: {first[:200]}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not a taskcodec checkpoint (no model/config keys)")
-    return ckpt
+    if isinstance(ckpt, dict) and "model" in ckpt and "config" in ckpt:
+        return ckpt
+    state = _compressai_state(ckpt)
+    if state is None:
+        raise CheckpointError(f"{path} is neither a taskcodec checkpoint (no model/config keys) "
+                              "nor CompressAI weights")
+    return from_compressai(state, codec, str(path))
+
+
+def _compressai_state(obj: Any) -> dict[str, Any] | None:
+    """The state dict in a CompressAI-style file, or None."""
+    if not isinstance(obj, dict):
+        return None
+    for key in COMPRESSAI_KEYS:
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    return None
+
+
+def _sizes(state: dict[str, Any], source: str) -> tuple[int, int]:
+    """(N, M) of CompressAI weights: the first and the last convolution of ``g_a``."""
+    convs = sorted((int(m.group(1)), v) for k, v in state.items()
+                   if (m := re.fullmatch(r"g_a\.(\d+)\.weight", k)) and v.dim() == 4)
+    if not convs:
+        raise CheckpointError(f"{source}: no g_a.<i>.weight convolutions, cannot tell N and M "
+                              "of these CompressAI weights")
+    return int(convs[0][1].shape[0]), int(convs[-1][1].shape[0])
+
+
+def _fits(model: torch.nn.Module, state: dict[str, Any]) -> bool:
+    """Same keys, and every parameter the same shape (entropy-table buffers are resized)."""
+    if set(model.state_dict()) != set(state):
+        return False
+    return all(tuple(state[k].shape) == tuple(p.shape) for k, p in model.named_parameters())
+
+
+def from_compressai(state: dict[str, Any], codec: str, source: str) -> dict[str, Any]:
+    """A taskcodec checkpoint (codec kind) around CompressAI weights."""
+    from compressai.zoo.pretrained import load_pretrained
+
+    from taskcodec.codecs import CODECS, build_codec
+
+    state = load_pretrained(dict(state))  # older CompressAI key names -> today's
+    N, M = _sizes(state, source)
+    if codec and codec not in CODECS:
+        raise CheckpointError(f"unknown codec {codec!r} for {source} "
+                              f"(known: {', '.join(sorted(CODECS))})")
+    names = [codec] if codec else sorted(CODECS)
+    fitting = [name for name in names if _fits(build_codec(name, N=N, M=M), state)]
+    if codec and not fitting:
+        raise CheckpointError(f"{source}: the weights (N={N}, M={M}) are not a {codec}")
+    if len(fitting) != 1:
+        found = ", ".join(fitting) or "none"
+        raise CheckpointError(f"{source}: CompressAI weights that fit {found} of the registered "
+                              "codecs; name it with --codec")
+    name = fitting[0]
+    return {"format": FORMAT, "codec": name, "entry_point": "train",
+            "model_args": {"kind": "codec", "codec": name, "N": N, "M": M},
+            "config": {"codec": name, "N": N, "M": M}, "model": state, "source": "compressai"}
+
+
+def zoo_path(ref: str) -> tuple[str, Path]:
+    """(architecture, file in the torch hub cache) of ``compressai:ARCH:QUALITY[:METRIC]``."""
+    from compressai.zoo.image import model_urls
+
+    parts = ref[len(ZOO_PREFIX):].split(":")
+    arch, quality, metric = (*parts, "mse")[:3] if len(parts) == 2 else (*parts, "", "")[:3]
+    try:
+        if len(parts) > 3:
+            raise ValueError
+        url = model_urls[arch][metric][int(quality)]
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{ref!r}: not a CompressAI zoo model (write "
+                              "compressai:ARCH:QUALITY[:METRIC], e.g. "
+                              "compressai:bmshj2018-hyperprior:3)") from None
+    return arch, Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def load_zoo(ref: str) -> dict[str, Any]:
+    """Zoo weights from the local torch hub cache (never downloaded)."""
+    arch, path = zoo_path(ref)
+    if not path.is_file():
+        raise CheckpointError(f"{ref}: its weights are not in the local torch hub cache "
+                              f"(expected {path}; taskcodec does not download them)")
+    return load(path, arch)
 
 
 def resolve(ref: str, which: str = "best", cache: Path | None = None) -> Path:
@@ -74,12 +170,15 @@ def resolve(ref: str, which: str = "best", cache: Path | None = None) -> Path:
                           "(32 hex characters)")
 
 
-def load_ref(ref: str, which: str = "best") -> tuple[dict[str, Any], Path]:
-    """Load a checkpoint given as a path or an MLflow run id; a download is removed after
-    loading. Returns the checkpoint and where it came from (for messages)."""
+def load_ref(ref: str, which: str = "best", codec: str = "") -> tuple[dict[str, Any], Path]:
+    """Load a checkpoint given as a path, an MLflow run id or a CompressAI zoo name; a download
+    is removed after loading. Returns the checkpoint and where it came from (for messages).
+    ``codec`` names the architecture of CompressAI weights where their keys do not tell."""
     candidate = Path(ref).expanduser()
     if candidate.is_file():
-        return load(candidate), candidate
+        return load(candidate, codec), candidate
+    if ref.startswith(ZOO_PREFIX):
+        return load_zoo(ref), zoo_path(ref)[1]
     with tempfile.TemporaryDirectory(prefix="taskcodec-ckpt-") as tmp:
         path = resolve(ref, which, Path(tmp))
         return load(path), Path(f"{ref}/{ARTIFACT_DIR}/{path.name}")

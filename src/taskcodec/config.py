@@ -451,9 +451,11 @@ class EvalConfig(Config):
 
     entry_point: ClassVar[str] = "evaluate"
 
-    checkpoint: str = opt("", "MLflow run id whose checkpoint to evaluate, or a checkpoint path")
+    checkpoint: str = opt("", "MLflow run id whose checkpoint to evaluate, a checkpoint path "
+                          "(taskcodec's or CompressAI's) or compressai:ARCH:QUALITY")
     which: str = opt("best", "which checkpoint of the run: best or last",
                      choices=("best", "last"))
+    codec: str = opt("", "codec of a CompressAI checkpoint whose weights fit several")
     data: str = opt("", "data to evaluate on: 'embedded', 'scenes', a folder/.zip/.tar of "
                     "images, coco:PATH or cityscapes:PATH (default: what the checkpoint was "
                     "trained on)")

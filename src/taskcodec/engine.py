@@ -259,13 +259,16 @@ class Trainer:
     def _adopt_architecture(self, ref: str) -> dict:
         """Take what shapes the model from the checkpoint ``--init-from`` names, unless the user
         set it; a setting the user gave that the weights cannot have is one line naming both."""
-        ckpt, where = checkpoints.load_ref(ref, "best")
         given, cls = self.config, type(self.config)
+        defaults = {f.name: f.default for f in cls.fields()}
+        # A CompressAI file's codec: recognised from its weights unless --codec was given.
+        hint = getattr(given, "codec", "")
+        ckpt, where = checkpoints.load_ref(ref, "best", "" if hint == defaults.get("codec") else hint)
         source_entry = ckpt.get("entry_point", given.entry_point)
         if source_entry != given.entry_point:
             raise CheckpointError(f"init_from={ref} is a {source_entry} checkpoint; "
                                   f"{given.entry_point} cannot start from its weights")
-        stored, defaults = ckpt["config"], {f.name: f.default for f in cls.fields()}
+        stored = ckpt["config"]
         adopted = {}
         for name in cls.architecture:
             if name not in stored or stored[name] == getattr(given, name):
@@ -554,6 +557,8 @@ class Trainer:
             "run_id": self.run_id,
             "unsent_metrics": self.logger.unsent_metrics(),
         }
+        if ckpt["model_args"].get("kind", "codec") == "codec":
+            ckpt["state_dict"] = model_state  # for CompressAI's eval_model; the same tensors
         path = checkpoints.save_atomic(ckpt, self.ckpt_dir / f"{name}.pt")
         # Upload a snapshot: the local file is replaced by the next save while the upload runs.
         staging = self.ckpt_dir / ".upload" / f"{name}-{state.step}-{time.monotonic_ns()}"

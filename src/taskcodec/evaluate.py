@@ -426,7 +426,7 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     mlflow.set_tracking_uri(uri)
     if mlflow.active_run() is None:
         tracking.check_run_destination(uri)  # before the work, not when logging its results
-    codec = load_codec(config.checkpoint, config.which)
+    codec = load_codec(config.checkpoint, config.which, config.codec)
     stored = codec.config
     # Replicates are grouped by seed and paired on the data: both are logged.
     seeds = {"seed": int(stored.get("seed", 0)), "data_seed": data_seed_of(config, codec)}

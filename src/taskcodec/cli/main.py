@@ -173,6 +173,8 @@ _CKPT = click.option("--checkpoint", "-c", required=True, envvar="TASKCODEC_CHEC
                      help="MLflow run id or checkpoint file [env: TASKCODEC_CHECKPOINT]")
 _WHICH = click.option("--which", type=click.Choice(["best", "last"]), default="best",
                       show_default=True, help="which checkpoint of the run")
+_CODEC = click.option("--codec", default="", metavar="NAME",
+                      help="codec of a CompressAI checkpoint whose weights fit several")
 
 
 @cli.command()
@@ -181,7 +183,8 @@ _WHICH = click.option("--which", type=click.Choice(["best", "last"]), default="b
               help="compressed file to write")
 @_CKPT
 @_WHICH
-def compress(image: Path, output: Path, checkpoint: str, which: str) -> None:
+@_CODEC
+def compress(image: Path, output: Path, checkpoint: str, which: str, codec: str) -> None:
     """Compress IMAGE into a taskcodec bitstream file.
 
     \b
@@ -192,7 +195,7 @@ def compress(image: Path, output: Path, checkpoint: str, which: str) -> None:
     from taskcodec.codecs.loading import load_codec
 
     x = _read_image(image)
-    codec = load_codec(checkpoint, which)
+    codec = load_codec(checkpoint, which, codec)
     data = codec.compress(x)
     bitstream.write_bytes(output, data)
     h, w = x.shape[-2:]
@@ -217,8 +220,9 @@ _PREDICTION_SUFFIX = {"detection": ".json", "classification": ".json"}
                    "can ask for any size")
 @_CKPT
 @_WHICH
+@_CODEC
 def decompress(file: Path, output: Path, layer: str, max_pixels: int | None, checkpoint: str,
-               which: str) -> None:
+               which: str, codec: str) -> None:
     """Decode a taskcodec bitstream FILE, or every file in the folder FILE.
 
     A single-layer file decodes to a PNG. A layered file decodes to the reconstruction (or the
@@ -239,7 +243,7 @@ def decompress(file: Path, output: Path, layer: str, max_pixels: int | None, che
     from taskcodec.codecs.loading import MAX_PIXELS, load_codec
     from taskcodec.errors import BitstreamError, TaskcodecError
 
-    codec = load_codec(checkpoint, which)
+    codec = load_codec(checkpoint, which, codec)
     if layer == "base" and codec.kind == "codec":
         raise BitstreamError(f"{file}: a single-layer {codec.name} file has no base layer")
     limit = max_pixels or MAX_PIXELS

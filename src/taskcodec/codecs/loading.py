@@ -259,9 +259,10 @@ def _header_name(args: dict[str, Any], config: dict[str, Any]) -> str:
     return f"scalable-{args['method']}-{args['target']}"
 
 
-def load_codec(ref: str, which: str = "best") -> LoadedCodec:
-    """Load a model from a checkpoint path or an MLflow run id, with its entropy tables built."""
-    ckpt, path = checkpoints.load_ref(ref, which)
+def load_codec(ref: str, which: str = "best", codec: str = "") -> LoadedCodec:
+    """Load a model from a checkpoint path, an MLflow run id or a CompressAI zoo name, with its
+    entropy tables built (``codec``: the architecture of CompressAI weights, if not evident)."""
+    ckpt, path = checkpoints.load_ref(ref, which, codec)
     config = ckpt["config"]
     args = ckpt.get("model_args") or {"kind": "codec", "codec": config.get("codec"),
                                       "N": config.get("N"), "M": config.get("M")}
