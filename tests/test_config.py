@@ -41,8 +41,8 @@ def test_unknown_keys_are_named_with_the_known_ones():
     message = str(err.value)
     assert message.startswith("unknown train setting lmbada (known: ")
     assert "lmbda" in message.split("known:")[1] and "\n" not in message
-    with pytest.raises(ConfigError, match=r"^unknown evaluate settings bogus, codec \(known: "):
-        EvalConfig.from_dict({"checkpoint": "x.pt", "codec": "a", "bogus": 1})
+    with pytest.raises(ConfigError, match=r"^unknown evaluate settings bogus, lmbda \(known: "):
+        EvalConfig.from_dict({"checkpoint": "x.pt", "lmbda": 0.1, "bogus": 1})
 
 
 @pytest.mark.parametrize(("values", "message"), [
