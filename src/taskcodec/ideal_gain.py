@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from taskcodec.compare import Curve, _check_method, bd_metric, bd_rate, write_rows
-from taskcodec.errors import ConfigError
+from taskcodec.compare import Curve, _check_method, write_rows
+from taskcodec.compare.bd import bd_both
 
 
 @dataclass
@@ -43,17 +43,8 @@ def _share(value: float | None, ideal: float | None) -> float | None:
 
 def _bd_pair(lower: Curve, curve: Curve, metric: str, method: str
              ) -> tuple[float | None, float | None, str]:
-    rate = value = None
-    errors = []
-    try:
-        rate = bd_rate(lower, curve, metric, method)
-    except ConfigError as err:
-        errors.append(str(err))
-    try:
-        value = bd_metric(lower, curve, metric, method)
-    except ConfigError as err:
-        errors.append(str(err))
-    return rate, value, "; ".join(errors)
+    rate, rate_error, value, value_error = bd_both(lower, curve, metric, method)
+    return rate, value, "; ".join(e for e in (rate_error, value_error) if e)
 
 
 def baseline_groups(curves: Sequence[Curve]) -> list[tuple[Curve, Curve, list[Curve]]]:

@@ -136,6 +136,23 @@ def _fronts(curves: Sequence[Curve], metric: str) -> tuple[list[Curve], str]:
     return fronts, "; ".join(notes)
 
 
+def bd_both(anchor: Curve, test: Curve, metric: str, method: str
+            ) -> tuple[float | None, str, float | None, str]:
+    """(BD-rate, why not, BD-metric, why not) of ``test`` against ``anchor``: each is None with
+    its reason where it cannot be computed."""
+    rate = value = None
+    rate_error = value_error = ""
+    try:
+        rate = bd_rate(anchor, test, metric, method)
+    except ConfigError as err:
+        rate_error = str(err)
+    try:
+        value = bd_metric(anchor, test, metric, method)
+    except ConfigError as err:
+        value_error = str(err)
+    return rate, rate_error, value, value_error
+
+
 def bd_table(curves: Sequence[Curve], anchor: Curve, metrics: Sequence[str],
              method: str = "pchip", *, pareto: bool = False) -> list[BDRow]:
     """BD-rate and BD-metric of every curve but the anchor, for every metric; with ``pareto``,
@@ -154,14 +171,8 @@ def bd_table(curves: Sequence[Curve], anchor: Curve, metrics: Sequence[str],
             tr, tq = curve.series(metric)
             if ar and tr:
                 row.rate_overlap, row.quality_overlap = overlap(ar, tr), overlap(aq, tq)
-            try:
-                row.bd_rate = bd_rate(a, curve, metric, method)
-            except ConfigError as err:
-                row.bd_rate_error = str(err)
-            try:
-                row.bd_metric = bd_metric(a, curve, metric, method)
-            except ConfigError as err:
-                row.bd_metric_error = str(err)
+            row.bd_rate, row.bd_rate_error, row.bd_metric, row.bd_metric_error = bd_both(
+                a, curve, metric, method)
             rows.append(row)
     return rows
 
