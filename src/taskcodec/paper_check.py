@@ -304,7 +304,7 @@ def markdown(rows: Sequence[Row], d: Design, *, seconds: float, when: str) -> st
 
 
 def plot_rows(rows: Sequence[Row], path: Path) -> Path:
-    """Each row's mean with its 95 % t-interval (a forest plot), the claim's side shaded."""
+    """Each row's mean with its 95 % t-interval (a forest plot), coloured by its verdict."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 0.45 * len(rows) + 1.2), layout="constrained")
@@ -319,8 +319,8 @@ def plot_rows(rows: Sequence[Row], path: Path) -> Path:
                             r.verdict, "tab:gray"))
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(ys, [f"{r.hypothesis}: {r.quantity}" for r in rows], fontsize=7)
-    ax.set_xlabel("mean over seeds, % (95 % t-interval); green supported, red not, grey "
-                  "inconclusive")
+    ax.set_xlabel("mean over seeds, % (95 % t-interval)\n"
+                  "green: supported, red: not supported, grey: inconclusive")
     fig.savefig(path, dpi=110)
     return path
 
