@@ -1,16 +1,21 @@
 """Rules both launchers share (taskcodec.launch.checks / spec / runs), run against both: the
 same refusal for a credential-looking variable, one meaning of --pass-env, the --run-id/--sweep
 rule, tracking credentials that would not reach the pods, -P paths outside the mounted volume,
-the preemption exit code; and the Slurm helpers on finished jobs (fake squeue/scontrol on PATH).
+the preemption exit code, the speed switches in the rendered commands (GPU defaults, quoting,
+parsed back by taskcodec's own CLI); and the Slurm helpers on finished jobs (fake
+squeue/scontrol on PATH).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 from taskcodec.cli import k8s as k8s_cli
@@ -167,6 +172,135 @@ def test_runs_made_at_launch_carry_params_tags_and_scheduled(mlflow_server, tmp_
     relaunch = JobSpec("train", params={"lmbda": "0.5"}, tracking_uri=uri,
                        run_id=made.run_ids[1])
     assert runs.relaunch_settings(relaunch) == ({"epochs": "3", "lmbda": "0.5"}, f"launch-{tmp_path.name}")
+
+
+# -- the speed switches in the rendered commands (issue 16) ---------------------------------------
+
+SWITCHES = {"precision", "tf32", "compile", "channels_last"}
+NASTY = "night run; $(touch x) 'quoted' \"too\""  # a -P value the shell must not interpret
+
+
+def rendered_commands(launcher: str, text: str) -> list[list[str]]:
+    """The ``mlflow run`` argv of each job in a dry run's output, split as the shell splits it:
+    the ``cmd=(...)`` array of each Slurm array task, the container args of a Job (an Indexed
+    Job's: the ``exec`` line of each index)."""
+    if launcher == "slurm":
+        return [shlex.split(line) for line in re.findall(r"^  \d+\) cmd=\((.*)\) ;;$", text,
+                                                         re.MULTILINE)]
+    commands = []
+    for job in yaml.safe_load_all(text):
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        if args[:2] == ["/bin/sh", "-c"]:
+            commands += [shlex.split(line) for line in re.findall(r"^  \d+\) exec (.*) ;;$",
+                                                                  args[2], re.MULTILINE)]
+        else:
+            commands.append(args)
+    return commands
+
+
+def params_of(argv: list[str]) -> dict[str, str]:
+    """The ``-P NAME=VALUE`` parameters of an ``mlflow run`` argv."""
+    return dict(argv[i + 1].split("=", 1) for i, word in enumerate(argv) if word == "-P")
+
+
+def rendered_commands_params(launcher: str, text: str) -> list[dict[str, str]]:
+    return [params_of(argv) for argv in rendered_commands(launcher, text)]
+
+
+def launch_params(launcher: str, *args: str) -> list[dict[str, str]]:
+    result = dry_run(launcher, "-P", "lmbda=0.0067", *args)
+    assert result.exit_code == 0, result.output
+    params = rendered_commands_params(launcher, result.stdout)
+    assert params, result.stdout
+    return params
+
+
+def test_gpu_jobs_get_bf16_and_tf32_and_the_switch_options_reach_every_command(no_defaults):
+    given = {"precision": "fp16", "tf32": "false", "compile": "true", "channels_last": "false"}
+    for launcher in LAUNCHERS:
+        (cpu,) = launch_params(launcher)
+        assert not SWITCHES & set(cpu), launcher  # a CPU job: the trainer's own defaults
+        (gpu,) = launch_params(launcher, "--gpus", "1", "-P", f"run_name={NASTY}")
+        assert {k: gpu[k] for k in SWITCHES & set(gpu)} == {"precision": "bf16", "tf32": "true"}
+        assert gpu["run_name"] == NASTY  # quoted: the job gets the value, not its expansion
+        (on_cpu,) = launch_params(launcher, "--gpus", "1", "-P", "device=cpu")
+        assert not SWITCHES & set(on_cpu), launcher
+        # The options win over the GPU values, in every job of a sweep and under torchrun.
+        options = launch_params(launcher, "--gpus", "2", "--precision", "fp16", "--no-tf32",
+                                "--compile", "true", "--no-channels-last",
+                                "--sweep", "M=128,192")
+        assert [{k: p[k] for k in SWITCHES} for p in options] == [given, given], launcher
+        swept = launch_params(launcher, "--gpus", "1", "--sweep", "precision=fp32,bf16")
+        assert [(p["precision"], p["tf32"]) for p in swept] == [("fp32", "true"),
+                                                                ("bf16", "true")]
+        (cpu_given,) = launch_params(launcher, "--channels-last", "--compile", "false")
+        assert {k: cpu_given[k] for k in SWITCHES & set(cpu_given)} == {
+            "channels_last": "true", "compile": "false"}
+
+
+def test_switch_quoting_in_the_slurm_script_and_the_k8s_index_script(no_defaults):
+    for launcher in LAUNCHERS:
+        result = dry_run(launcher, "--gpus", "1", "--sweep", "lmbda=0.01,0.02",
+                         "-P", f"run_name={NASTY}", "--compile", "auto")
+        assert result.exit_code == 0, result.output
+        # Plain words stay bare, the rest is single-quoted: shlex.quote of each word.
+        for word in ("precision=bf16", "tf32=true", "compile=auto", f"run_name={NASTY}"):
+            assert f"-P {shlex.quote(word)}" in result.stdout, (launcher, word)
+        assert [p["run_name"] for p in rendered_commands_params(launcher, result.stdout)] == [
+            NASTY, NASTY]
+
+
+def test_a_switch_set_twice_is_one_error_and_only_training_takes_them(no_defaults):
+    for launcher in LAUNCHERS:
+        error = one_error(dry_run(launcher, "--precision", "bf16", "-P", "precision=fp32"))
+        assert error == ("Error: --precision bf16 and -P precision=fp32 both set precision: "
+                         "give it once")
+        error = one_error(dry_run(launcher, "--no-channels-last", "--sweep",
+                                  "channels_last=true,false"))
+        assert error == "Error: channels_last given both with -P and --sweep"
+        evaluate = ["evaluate", "-P", "checkpoint=abc", "--dry-run"]
+        refused = CliRunner().invoke(LAUNCHERS[launcher], [*evaluate, "--precision", "bf16"])
+        assert "-P precision: entry point 'evaluate' has no parameter 'precision'" in \
+            one_error(refused)
+        on_gpu = CliRunner().invoke(LAUNCHERS[launcher], [*evaluate, "--gpus", "1"])
+        assert on_gpu.exit_code == 0, on_gpu.output
+        assert not SWITCHES & set(rendered_commands_params(launcher, on_gpu.stdout)[0])
+
+
+def test_rendered_commands_parse_back_into_the_config_the_launch_asked_for(no_defaults, tmp_path):
+    """The training command a job runs, made as the job makes it (mlflow's substitution of the
+    parameters into MLProject's command, then the shell's word splitting) and parsed by
+    taskcodec's own CLI, in this process: the config of the launch's settings."""
+    from mlflow.projects._project_spec import load_project
+
+    from taskcodec.cli.main import train
+    from taskcodec.cli.options import build_config
+    from taskcodec.config import TrainConfig
+    from taskcodec.launch.spec import PROJECT_DIR
+
+    entry = load_project(str(PROJECT_DIR)).get_entry_point("train")
+
+    def parsed(argv: list[str]) -> TrainConfig:
+        words = shlex.split(entry.compute_command(params_of(argv), str(tmp_path)))
+        assert words[:4] == ["python", "-m", "taskcodec.cli.main", "train"], words
+        return build_config(TrainConfig, train.make_context("train", words[4:]).params)
+
+    cases = {
+        (): {},
+        ("--gpus", "1"): {"precision": "bf16", "tf32": True},
+        ("--gpus", "1", "--precision", "fp16", "--no-tf32", "--compile", "false",
+         "--no-channels-last"): {"precision": "fp16", "tf32": False, "compile": "false",
+                                 "channels_last": False},
+        ("--compile", "true", "-P", "recipe=short-cpu"): {"compile": "true",
+                                                          "recipe": "short-cpu"},
+    }
+    for launcher in LAUNCHERS:
+        for args, settings in cases.items():
+            result = dry_run(launcher, "-P", "lmbda=0.0067", "-P", f"run_name={NASTY}", *args)
+            assert result.exit_code == 0, result.output
+            (argv,) = rendered_commands(launcher, result.stdout)
+            expected = TrainConfig.from_dict({"lmbda": 0.0067, "run_name": NASTY, **settings})
+            assert parsed(argv) == expected, (launcher, args)
 
 
 # -- the Slurm helpers on finished jobs (issue 19, item 9) ----------------------------------------

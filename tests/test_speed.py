@@ -1,9 +1,10 @@
 """Speed switches (compile, channels_last, autocast), the short-cpu recipe preset, the
 warm-up schedule (the real-bitstream RD point logged while training is tested in
-test_train.py, whose tracking stores start migrated).
+test_train.py, whose tracking stores start migrated; the switches in the launchers' rendered
+commands in test_launch.py).
 
-Everything runs in this process on tiny codecs (N=M=8). torch.compile is exercised with the
-``aot_eager`` backend (the graph capture and autograd tracing that can change results; the
+Everything runs in this process on tiny codecs (N=M=8). torch.compile is exercised once, with
+the ``aot_eager`` backend (the graph capture and autograd tracing that can change results; the
 inductor backend's C++ build takes minutes on 2 cores and is measured by ``make bench``).
 """
 
@@ -22,22 +23,31 @@ def tiny_codec(codec: str = "bmshj2018-factorized"):
     return build_codec(codec, N=8, M=8)
 
 
-def test_compiled_and_eager_models_give_the_same_outputs_and_gradients():
+@pytest.mark.compile
+def test_compiled_and_eager_models_give_the_same_outputs_and_gradients(monkeypatch):
+    """The suite's one torch.compile (tracing is what costs on a CPU; keep it the only one):
+    the training forward of a tiny codec compiled by speed.compile_module, as the engine
+    compiles it, against the same model run eagerly: outputs, rate and gradients."""
+    from torch._dynamo.utils import counters
+
+    from taskcodec import speed
     from taskcodec.losses import RateDistortionLoss
 
+    monkeypatch.setenv("TASKCODEC_COMPILE_BACKEND", "aot_eager")
     model = tiny_codec().train()
     x = torch.rand(2, 3, 32, 32)
     criterion = RateDistortionLoss(lmbda=0.01)
+    graphs = counters["stats"]["unique_graphs"]
     results = []
-    for compiled in (False, True):
+    for net in (model, speed.compile_module(model)):
         torch.manual_seed(1)  # the same quantization noise on both sides
-        net = torch.compile(model, backend="aot_eager") if compiled else model
         model.zero_grad(set_to_none=True)
         out = net(x)
         losses = criterion(out, x)
         losses["loss"].backward()
         grad = model.g_a[0].weight.grad.clone()
         results.append((out["x_hat"].detach(), losses["bpp_loss"].detach(), grad))
+    assert counters["stats"]["unique_graphs"] > graphs  # traced, not an eager fallback
     (eager_x, eager_bpp, eager_grad), (comp_x, comp_bpp, comp_grad) = results
     torch.testing.assert_close(comp_x, eager_x, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(comp_bpp, eager_bpp, rtol=1e-4, atol=1e-5)
@@ -61,6 +71,29 @@ def test_bf16_autocast_keeps_the_rate_of_fp32(codec):
             bpp = float(bpp_from_likelihoods(out["likelihoods"], 64 * 64))
     assert all(v.dtype == torch.float32 for v in out["likelihoods"].values())
     assert bpp == pytest.approx(reference, rel=0.02)
+
+
+def test_entropy_model_arithmetic_stays_fp32_under_autocast():
+    """The same latent, given in bf16 inside autocast, gets exactly the fp32 likelihoods;
+    without speed.keep_entropy_models_fp32 the entropy model computes in bf16."""
+    from taskcodec import speed
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(2)
+    y = (torch.randn(1, 8, 4, 4) * 3).bfloat16()  # exactly representable in both dtypes
+    scales = (torch.rand(1, 8, 4, 4) + 0.2).bfloat16()
+    guarded, plain = tiny_codec("mbt2018-mean").eval(), tiny_codec("mbt2018-mean").eval()
+    speed.keep_entropy_models_fp32(guarded)
+    with torch.no_grad():
+        reference = (guarded.entropy_bottleneck(y.float())[1],
+                     guarded.gaussian_conditional(y.float(), scales.float())[1])
+        with speed.autocast("bf16", cpu):
+            kept = (guarded.entropy_bottleneck(y)[1], guarded.gaussian_conditional(y, scales)[1])
+            lost = plain.entropy_bottleneck(y)[1]
+    for likelihoods, expected in zip(kept, reference):
+        assert likelihoods.dtype == torch.float32
+        assert torch.equal(likelihoods, expected)
+    assert lost.dtype != torch.float32 or not torch.equal(lost, reference[0])
 
 
 def test_channels_last_batches_and_precision_choices():

@@ -263,10 +263,13 @@ class TrainConfig(LoopConfig):
                         "bitstreams and log test_bpp, test_psnr, test_bpp_gap (0: off)", min=0)
     rd_images: int = opt(2, "images of the real-bitstream RD check (the first of the "
                          "validation set)", min=1, max=1000)
-    recipe: str = opt("", "named preset of settings beneath the explicit ones: short-cpu "
-                      "(a good codec in minutes on a CPU: lr 5e-4 with warm-up and cosine "
-                      "decay, 128-px crops, batch 8, epochs of 2000 crops, rd_every 1)",
-                      choices=("", "short-cpu"))
+    recipe: str = opt("", "named preset of settings beneath the ones you give: short-cpu "
+                      "(make demo's; a good codec in minutes on a CPU) sets "
+                      + ", ".join(f"{k}={v}" for k, v in SHORT_CPU.items())
+                      + ": a higher lr, warmed up, then cosine-decayed to lr/10 at the end of "
+                      "the budget (max_steps, max_minutes or epochs), smaller crops for more "
+                      "steps in the time, validation and a real-bitstream RD point every "
+                      "epoch of crops", choices=("", "short-cpu"))
 
     def check(self) -> None:
         super().check()

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from taskcodec import tracking
-from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, load_codec
+from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, header_name, load_codec
 from taskcodec.config import EvalConfig
 from taskcodec.data import build_dataset
 from taskcodec.data.base import check_plain_split
@@ -218,12 +218,11 @@ def rd_point(model: torch.nn.Module, model_args: dict[str, Any], dataset: Any,
     import copy
 
     from taskcodec.bitstream import checkpoint_fingerprint
-    from taskcodec.codecs.loading import _header_name
 
     replica = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
     replica.update(force=True)
     state = {k: v.contiguous() for k, v in replica.state_dict().items()}
-    codec = LoadedCodec(name=_header_name(model_args, {}), kind="codec", model=replica,
+    codec = LoadedCodec(name=header_name(model_args, {}), kind="codec", model=replica,
                         fingerprint=checkpoint_fingerprint(state), config={},
                         model_args=model_args, source="training")
     results = [evaluate_image(codec, dataset[i], i)[0]

@@ -11,7 +11,8 @@ from typing import Any
 
 import click
 
-from taskcodec.config import Config, _coerce, _type_of
+from taskcodec.cli.errors import fail
+from taskcodec.config import Config, LoopConfig, _coerce, _type_of
 from taskcodec.errors import ConfigError
 
 # Numbers and booleans are parsed by the config, which accepts what MLflow renders ("128.0"
@@ -79,15 +80,70 @@ def config_command(config_cls: type[Config]) -> Callable:
     return decorator
 
 
+def _switch_options() -> list[Callable]:
+    """--precision, --tf32, --compile, --channels-last: the training speed switches as launcher
+    options (each is ``-P NAME=VALUE``; choices from the config, GPU values from
+    taskcodec.launch.spec.GPU_SWITCHES)."""
+    fields = {f.name: f for f in LoopConfig.fields()}
+
+    def choice(name: str) -> click.Choice:
+        return click.Choice(fields[name].metadata["choices"])
+
+    return [
+        click.option("--precision", type=choice("precision"), default=None,
+                     help="training precision: autocast of the transforms, the entropy models "
+                          "and the rate stay fp32 [default: bf16 with --gpus > 0 unless -P "
+                          "device=cpu (GPUs before Ampere, such as V100 or T4, emulate bf16: "
+                          "give fp16 there), else the trainer's auto]"),
+        click.option("--tf32/--no-tf32", default=None,
+                     help="TF32 matmuls and convolutions [default: on; written into the "
+                          "command with --gpus > 0; no effect on a CPU]"),
+        click.option("--compile", "compile_", type=choice("compile"), default=None,
+                     help="torch.compile the training forward [default: the trainer's auto: "
+                          "on a GPU, on a CPU only for long runs]"),
+        click.option("--channels-last/--no-channels-last", default=None,
+                     help="channels_last memory layout [default: the trainer's: on]"),
+    ]
+
+
+#: Keyword of each switch option -> the setting it passes.
+_SWITCH_KWARGS = {"precision": "precision", "tf32": "tf32", "compile_": "compile",
+                  "channels_last": "channels_last"}
+
+
+def _fold_switches(func: Callable) -> Callable:
+    """Pass the switch options on as ``-P`` parameters of the command."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        items = list(kwargs.get("params") or ())
+        given = {item.partition("=")[0].strip(): item for item in items}
+        for key, name in _SWITCH_KWARGS.items():
+            value = kwargs.pop(key)
+            if value is None:
+                continue
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            if name in given:
+                fail(ConfigError(f"--{name.replace('_', '-')} {text} and -P {given[name]} "
+                                 f"both set {name}: give it once"))
+            items.append(f"{name}={text}")
+        kwargs["params"] = tuple(items)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
 def job_options(job: str, pass_env_help: str) -> Callable:
     """The options both launchers share, with one meaning each (``job``: what one parameter
-    combination becomes, e.g. "array task"). Defaults are None: each launcher fills its own."""
+    combination becomes, e.g. "array task"). Defaults are None: each launcher fills its own.
+    The speed switches (--precision ...) reach the command as ``-P`` parameters."""
     options = [
         click.option("-P", "--param", "params", multiple=True, metavar="NAME=VALUE",
                      help="entry point parameter (repeatable): any setting of its config"),
         click.option("--sweep", multiple=True, metavar="NAME=V1,V2,...",
                      help=f"one {job} (and MLflow run) per combination (repeatable: the cross "
                           "product)"),
+        *_switch_options(),
         click.option("-e", "--env", "env_items", multiple=True, metavar="NAME=VALUE",
                      help="set a variable in the job; the value is written into it, so "
                           "credential-looking names are refused (repeatable)"),
@@ -106,6 +162,7 @@ def job_options(job: str, pass_env_help: str) -> Callable:
     ]
 
     def decorator(func: Callable) -> Callable:
+        func = _fold_switches(func)
         for option in reversed(options):
             func = option(func)
         return func

@@ -250,7 +250,10 @@ def _crop_task(prediction: Any, size: tuple[int, int], pads) -> Any:
     return prediction
 
 
-def _header_name(args: dict[str, Any], config: dict[str, Any]) -> str:
+def header_name(args: dict[str, Any], config: dict[str, Any]) -> str:
+    """The model name a bitstream header carries: the codec's registry name, ``base-TASK`` or
+    ``scalable-METHOD-TARGET``, from the model args (a checkpoint's, or a model's in training;
+    an old checkpoint's codec from its ``config``)."""
     kind = args.get("kind", "codec")
     if kind == "codec":
         return str(args.get("codec") or config["codec"])
@@ -275,6 +278,6 @@ def load_codec(ref: str, which: str = "best", codec: str = "") -> LoadedCodec:
     model.eval()
     model.update(force=True)
     fingerprint = ckpt.get("fingerprint") or bitstream.checkpoint_fingerprint(ckpt["model"])
-    return LoadedCodec(name=_header_name(args, config), kind=args.get("kind", "codec"),
+    return LoadedCodec(name=header_name(args, config), kind=args.get("kind", "codec"),
                        model=model, fingerprint=fingerprint, config=config, model_args=args,
                        source=str(ref))

@@ -1,7 +1,7 @@
 """The job description both launchers share: which MLflow entry point, with which
 parameters, swept over what, on which resources, in which runtime; and the rules that hold
 for any launcher (known parameters, ``--run-id`` continues one run so never with ``--sweep``,
-variable names, no credential written into a job).
+variable names, no credential written into a job, the speed switches a GPU job runs with).
 
 Pure and torch-free: it is validated on the user's laptop before anything is submitted.
 Entry points and their declared parameters come from the project's ``MLProject``; a parameter
@@ -27,6 +27,17 @@ from taskcodec.launch.checks import check_credential_names, check_env_names, che
 # The repository root (holds MLProject) for an editable install; $TASKCODEC_PROJECT_DIR wins.
 PROJECT_DIR = Path(os.environ.get("TASKCODEC_PROJECT_DIR") or Path(__file__).resolve().parents[3])
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+#: The training loop's speed switches (:mod:`taskcodec.speed`): settings of every training
+#: entry point, which the launchers also take as options (``--precision bf16`` is
+#: ``-P precision=bf16``).
+SPEED_SWITCHES = ("precision", "tf32", "compile", "channels_last")
+#: What a GPU job (``--gpus`` > 0) of a training entry point runs with unless the user sets it
+#: (``-P``, ``--sweep`` or the option): bf16 autocast, the entropy models staying fp32, and TF32.
+#: They are written into the job's command, so the script and the run's parameters say what
+#: ran. Not for ``-P device=cpu``: that job runs on the CPU. compile and channels_last keep the
+#: trainer's defaults (compile=auto compiles on a GPU, but not a short run that ends up on a CPU).
+GPU_SWITCHES = {"precision": "bf16", "tf32": "true"}
 
 
 def _config_fields(entry_point: str) -> set[str]:
@@ -134,12 +145,23 @@ class JobSpec:
         return self
 
     def combinations(self) -> list[dict[str, str]]:
-        """One parameter set per job (array task): params + one value of each swept name."""
+        """One parameter set per job (array task): params + one value of each swept name, over
+        the :data:`GPU_SWITCHES` a GPU job gets (see :meth:`gpu_switches`)."""
         if not self.sweep:
-            return [dict(self.params)]
-        names = sorted(self.sweep)
-        return [{**self.params, **dict(zip(names, values))}
-                for values in itertools.product(*(self.sweep[n] for n in names))]
+            combos = [dict(self.params)]
+        else:
+            names = sorted(self.sweep)
+            combos = [{**self.params, **dict(zip(names, values))}
+                      for values in itertools.product(*(self.sweep[n] for n in names))]
+        return [{**self.gpu_switches(combo), **combo} for combo in combos]
+
+    def gpu_switches(self, combo: Mapping[str, str]) -> dict[str, str]:
+        """The :data:`GPU_SWITCHES` that parameter set ``combo`` does not set itself: for a
+        GPU job of an entry point that has them, unless ``device=cpu``."""
+        if (not self.gpus or combo.get("device") == "cpu"
+                or not set(GPU_SWITCHES) <= _config_fields(self.entry_point)):
+            return {}
+        return {name: value for name, value in GPU_SWITCHES.items() if name not in combo}
 
     def passed_env(self, environ: Mapping[str, str]) -> dict[str, str]:
         """The ``pass_env`` variables with their values in ``environ`` (one line if unset)."""
