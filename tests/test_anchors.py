@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -237,7 +236,7 @@ def test_evaluate_then_compare_anchors_end_to_end(tmp_path, monkeypatch):
     assert done.exit_code == 0, done.output
     with open(out / "points.csv", newline="") as fh:
         rows = {r["curve"]: r for r in csv.DictReader(fh)}
-    assert set(rows) == {"bmshj2018-factorized", *(cmp.ANCHOR_CURVES[n] for n in present)}
+    assert set(rows) == {result["codec"], *(cmp.ANCHOR_CURVES[n] for n in present)}
     for name in present:
         row = rows[cmp.ANCHOR_CURVES[name]]
         assert row["source"] == name

@@ -126,6 +126,7 @@ def test_cli_startup_ratio_pairs_each_compress_with_the_same_repetitions_floor()
 
 def test_cli_startup_runs_the_compress_the_user_types(tmp_path):
     from benchmarks import cli
+
     from taskcodec.cli.main import cli as taskcodec_cli
 
     image = tmp_path / "kodim01.png"
