@@ -83,11 +83,10 @@ def anchor_settings(name: str) -> dict[str, str]:
     codec = _codec(name)
     settings = {k: str(v).lower() if isinstance(v, bool) else str(v)
                 for k, v in codec.settings.items()}
-    library = f"lib{_FEATURES[name]}"
-    if name == "jpeg" and features.check_feature("libjpeg_turbo"):
-        library = "libjpeg-turbo"
-    return {**settings,
-            "encoder": f"Pillow {PIL.__version__}, {library} {features.version(_FEATURES[name])}"}
+    library = f"lib{_FEATURES[name]} {features.version(_FEATURES[name])}"
+    if name == "jpeg" and features.check_feature("libjpeg_turbo"):  # "jpg" is its API version
+        library = f"libjpeg-turbo {features.version_feature('libjpeg_turbo')}"
+    return {**settings, "encoder": f"Pillow {PIL.__version__}, {library}"}
 
 
 def anchor_at_bpp(name: str, image: ImageLike, target_bpp: float) -> dict:
