@@ -58,6 +58,19 @@ def summarize(values: dict[str, list[float]], target: float = TARGET
     return rows, summary
 
 
+def import_self_seconds(stderr: str, count: int = 8) -> list[tuple[str, float]]:
+    """Seconds of ``-X importtime`` output spent in each top-level package's own modules (self
+    times summed: torch's share apart from compressai's, scipy's, ...), largest first."""
+    totals: dict[str, float] = {}
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or "cumulative" in line:
+            continue
+        self_us, _, name = line.split(":", 1)[1].split("|", 2)
+        package = name.strip().split(".")[0]
+        totals[package] = totals.get(package, 0.0) + int(self_us.strip()) / 1e6
+    return sorted(totals.items(), key=lambda item: -item[1])[:count]
+
+
 def bench_cli(ctx: dict, ckpt: Path, image: Path, *, reps: int) -> dict:
     import torch
     from PIL import Image
@@ -99,8 +112,11 @@ def bench_cli(ctx: dict, ckpt: Path, image: Path, *, reps: int) -> dict:
              f"alternating (ABC CBA ...) over {reps} repetitions; {image.name} "
              f"({x.shape[-1]}x{x.shape[-2]} px), {env['OMP_NUM_THREADS']} torch thread(s) on "
              "every side.",
-             "slowest imports of `taskcodec compress` (python -X importtime, cumulative us): "
-             + ", ".join(f"{m} {us}" for m, us in top_imports(profiled.stderr))]
+             "import time of `taskcodec compress` by package (python -X importtime, self times "
+             "summed, s): " + ", ".join(f"{p} {t:.2f}" for p, t in
+                                      import_self_seconds(profiled.stderr)),
+             "slowest imports (cumulative us): "
+             + ", ".join(f"{m} {us}" for m, us in top_imports(profiled.stderr, 4))]
     return harness.result(
         "cli_startup", "9. CLI start-up: `taskcodec compress` vs import torch + encode",
         command=ctx["command"], machine_info=ctx["machine"],

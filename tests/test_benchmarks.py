@@ -124,6 +124,20 @@ def test_cli_startup_ratio_pairs_each_compress_with_the_same_repetitions_floor()
         cli.target_ratios({**values, cli.ENCODE: [0.5]})
 
 
+def test_cli_startup_sums_import_self_times_by_top_level_package():
+    from benchmarks import cli
+
+    stderr = ("import time: self [us] | cumulative | imported package\n"
+              "import time:   2000000 |    2000000 |     torch._C\n"
+              "import time:    500000 |    2600000 |   torch\n"
+              "import time:    300000 |     300000 |       scipy.stats\n"
+              "import time:     50000 |    2950000 | compressai\n"
+              "not an import line\n")
+    assert cli.import_self_seconds(stderr) == [("torch", 2.5), ("scipy", 0.3),
+                                               ("compressai", 0.05)]
+    assert cli.import_self_seconds(stderr, 1) == [("torch", 2.5)]
+
+
 def test_cli_startup_runs_the_compress_the_user_types(tmp_path):
     from benchmarks import cli
 
