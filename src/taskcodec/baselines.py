@@ -72,7 +72,8 @@ def unavailable(name: str) -> str:
         with Image.open(io.BytesIO(_encode(name, Image.new("RGB", (16, 16)), 50))) as image:
             image.load()
     except Exception as err:  # whatever the library raises: the anchor is skipped, with why
-        return f"Pillow {PIL.__version__} cannot code {codec.format}: {err}"
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return f"Pillow {PIL.__version__} cannot code {codec.format}: {why}"
     return ""
 
 
@@ -86,6 +87,10 @@ def anchor_settings(name: str) -> dict[str, str]:
     library = f"lib{_FEATURES[name]} {features.version(_FEATURES[name])}"
     if name == "jpeg" and features.check_feature("libjpeg_turbo"):  # "jpg" is its API version
         library = f"libjpeg-turbo {features.version_feature('libjpeg_turbo')}"
+    if name == "avif":  # libavif codes with whichever AV1 encoder it was built with
+        from PIL import _avif
+
+        library += f" ({_avif.codec_versions()})"
     return {**settings, "encoder": f"Pillow {PIL.__version__}, {library}"}
 
 
