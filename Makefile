@@ -46,7 +46,7 @@ system-deps: ## install the Debian packages the tests use (Slurm, sshd, Chromium
 test: install system-deps ## run the test suite (starts its own servers on 127.0.0.1)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: install ## train a small codec on the embedded images, evaluate it, compare with JPEG
+demo: install ## train a small codec on the embedded images, evaluate it, compare with JPEG, WebP, AVIF
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/demo
 
 scalable-demo: install ## the scalable-coding pipeline on the embedded scenes (base, enhancements, RD)

@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 ORDER = ("train_throughput", "train_variants", "same_math", "eval_vs_compressai",
          "rate_actual_vs_estimated", "launch_latency", "scaling", "train_switches",
-         "time_to_quality")
-NAMES = ("train", "variants", "coding", "launch", "scaling", "switches", "ttq")
+         "time_to_quality", "cli_startup")
+NAMES = ("train", "variants", "coding", "launch", "scaling", "switches", "ttq", "cli")
 #: Steps left out before timing: the first steps allocate, and taskcodec's first ones overlap the
 #: logging of the run's params and tags.
 WARMUP = 8
@@ -47,7 +47,8 @@ Benchmark 8 (time to quality) trains for a wall-clock budget per λ and side: `m
 uses 1 min; the figure of issue 16 is taken with
 `make bench BENCH_ARGS='--only ttq --ttq-minutes 10'` (about 90 min for 4 λ x 2 sides, plus
 Kodak coding). Benchmark 7 compiles with inductor for minutes per repetition on 2 cores
-(`--no-compile` leaves it out).
+(`--no-compile` leaves it out). Benchmark 9 (CLI start-up) codes the first Kodak image with the
+checkpoint of benchmarks 2-3 (`make bench BENCH_ARGS='--only cli'` trains it first).
 """
 
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttq-lambdas", default="0.0035,0.0067,0.013,0.025",
                         help="benchmark 8: comma-separated lambdas (the same for both sides)")
     parser.add_argument("--ckpt-steps", type=int, default=1500,
-                        help="training steps of the checkpoint benchmarks 2 and 3 code with")
+                        help="training steps of the checkpoint benchmarks 2, 3 and 9 code with")
     args = parser.parse_args(argv)
     chosen = set(args.only or NAMES)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from benchmarks import coding, launch, speed, training
+    from benchmarks import cli, coding, launch, speed, training
 
     # 2 threads on 2 cores shared with other work are several times slower and far noisier
     # than 1 (benchmark 1b measures it): one thread keeps the comparisons readable.
@@ -167,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                     ctx, N=64, M=96, batch_size=8, warmup=WARMUP, measured=20, reps=args.reps,
                     compile_model=not args.no_compile))
             if "coding" in chosen and _have_kodak(coding, "benchmarks 2 and 3"):
-                ckpt = make_checkpoint(ctx, steps=args.ckpt_steps)
-                produced += list(coding.bench_coding(ctx, ckpt, limit=args.kodak_images))
+                ctx["ckpt"] = make_checkpoint(ctx, steps=args.ckpt_steps)
+                produced += list(coding.bench_coding(ctx, ctx["ckpt"], limit=args.kodak_images))
             if "launch" in chosen:
                 produced.append(launch.bench_launch(ctx, runs=5))
             if "scaling" in chosen:
@@ -184,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                 produced.append(speed.bench_time_to_quality(
                     ctx, minutes=args.ttq_minutes, lambdas=lambdas,
                     kodak_limit=args.kodak_images))
+            if "cli" in chosen and _have_kodak(coding, "benchmark 9"):
+                ckpt = ctx.get("ckpt") or make_checkpoint(ctx, steps=args.ckpt_steps)
+                produced.append(cli.bench_cli(ctx, ckpt, coding.kodak_images(coding.KODAK, 1)[0],
+                                              reps=args.reps))
         finally:
             os.chdir(cwd)
     elapsed = time.perf_counter() - started

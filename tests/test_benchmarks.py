@@ -105,6 +105,55 @@ def test_top_imports_parses_python_importtime_output():
     assert top_imports(stderr, 2) == [("torch", 9000), ("json.decoder", 150)]
 
 
+def test_cli_startup_ratio_pairs_each_compress_with_the_same_repetitions_floor():
+    from benchmarks import cli
+
+    values = {cli.COMPRESS: [6.0, 9.0, 5.0], cli.IMPORT_TORCH: [3.5, 4.0, 4.5],
+              cli.ENCODE: [0.5, 0.5, 0.5]}
+    assert cli.target_ratios(values) == [1.5, 2.0, 1.0]
+    rows, summary = cli.summarize(values)
+    assert [r["side"] for r in rows] == [cli.COMPRESS, cli.IMPORT_TORCH, cli.ENCODE,
+                                         "import torch + encode (sum)"]
+    assert (rows[0]["median s"], rows[0]["min s"], rows[0]["max s"]) == (6.0, 5.0, 9.0)
+    assert rows[3]["median s"] == 4.5
+    ratio = summary["compress / (import torch + encode)"]
+    assert (ratio["median"], ratio["min"], ratio["max"]) == (1.5, 1.0, 2.0)
+    assert (summary["target"], summary["verdict"]) == ("<= 1.5", "met")  # at the target: met
+    assert cli.summarize(values, target=1.4)[1]["verdict"] == "MISSED"
+    with pytest.raises(ValueError):
+        cli.target_ratios({**values, cli.ENCODE: [0.5]})
+
+
+def test_cli_startup_sums_import_self_times_by_top_level_package():
+    from benchmarks import cli
+
+    stderr = ("import time: self [us] | cumulative | imported package\n"
+              "import time:   2000000 |    2000000 |     torch._C\n"
+              "import time:    500000 |    2600000 |   torch\n"
+              "import time:    300000 |     300000 |       scipy.stats\n"
+              "import time:     50000 |    2950000 | compressai\n"
+              "not an import line\n")
+    assert cli.import_self_seconds(stderr) == [("torch", 2.5), ("scipy", 0.3),
+                                               ("compressai", 0.05)]
+    assert cli.import_self_seconds(stderr, 1) == [("torch", 2.5)]
+
+
+def test_cli_startup_runs_the_compress_the_user_types(tmp_path):
+    from benchmarks import cli
+
+    from taskcodec.cli.main import cli as taskcodec_cli
+
+    image = tmp_path / "kodim01.png"
+    image.write_bytes(b"")
+    argv = cli.compress_command(["taskcodec"], image, Path("best.pt"), tmp_path / "out.tcd")
+    assert argv == ["taskcodec", "compress", str(image), "-o", str(tmp_path / "out.tcd"),
+                    "--checkpoint", "best.pt"]
+    # A command taskcodec has, with the options it knows, in the meaning the benchmark means.
+    parsed = taskcodec_cli.commands[argv[1]].make_context(argv[1], argv[2:]).params
+    assert (parsed["image"], parsed["output"], parsed["checkpoint"]) == (
+        image, tmp_path / "out.tcd", "best.pt")
+
+
 def test_cpu_meters_read_a_busy_process_group_and_a_busy_thread():
     """The /proc readers benchmark 1 uses to say what the server and the logger cost."""
     import os

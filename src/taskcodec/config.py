@@ -137,6 +137,22 @@ def _type_of(f: dataclasses.Field) -> type:
 
 
 CODEC_NAMES = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean")
+#: The classical codecs (Pillow: taskcodec.baselines) evaluate measures beside a learned one and
+#: compare draws as curves: name -> label.
+ANCHORS = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
+
+
+def parse_anchors(text: str, where: str) -> tuple[str, ...]:
+    """Anchor names from a comma list (empty or ``none``: none), in order, each once;
+    ``where`` starts the error message (``--anchors 'png'``)."""
+    names = [n.strip().lower() for n in str(text).split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    for name in names:
+        if name not in ANCHORS:
+            raise ConfigError(f"{where}: {name!r} is not an anchor (choose from "
+                              f"{', '.join(ANCHORS)}, or none)")
+    return tuple(dict.fromkeys(names))
 #: How much the codecs downsample in all (the hyperprior's 64): inputs are padded to, and
 #: training crops are, a multiple of this.
 PAD_MULTIPLE = 64
@@ -473,7 +489,11 @@ class EvalConfig(Config):
                          "images distinct from those that selected the checkpoint)", min=-1)
     max_side: int = opt(512, "downscale embedded images so the longer side is at most this",
                         min=64, max=8192)
-    jpeg: bool = opt(True, "also measure JPEG (Pillow) at the nearest bpp as a reference")
+    jpeg: bool = opt(True, "measure the anchors at all (false: none; its name is from when "
+                     "JPEG was the only one)")
+    anchors: str = opt(",".join(ANCHORS), "classical codecs (Pillow) measured as references, "
+                       "each per image at the quality whose bpp is nearest the codec's: a comma "
+                       "list of " + ", ".join(ANCHORS) + ", or none")
     device: str = opt("cpu", "cpu or cuda (entropy coding runs on the CPU)",
                       choices=("cpu", "cuda"))
     run_name: str = opt("", "MLflow run name (default: generated)")
@@ -481,3 +501,4 @@ class EvalConfig(Config):
     def check(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint is required: an MLflow run id or a checkpoint path")
+        self.anchors = ",".join(parse_anchors(self.anchors, f"anchors={self.anchors!r}"))

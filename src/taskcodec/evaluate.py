@@ -22,7 +22,7 @@ import torch
 
 from taskcodec import tracking
 from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, header_name, load_codec
-from taskcodec.config import EvalConfig
+from taskcodec.config import EvalConfig, parse_anchors
 from taskcodec.data import build_dataset
 from taskcodec.data.base import check_plain_split
 from taskcodec.data.transforms import pad_to_multiple
@@ -75,12 +75,39 @@ def summarize(results: list[ImageResult]) -> dict[str, float]:
     return {k: mean(getattr(r, k) for r in results) for k in SUMMARY_KEYS}
 
 
-def jpeg_reference(images: list[torch.Tensor], bpps: list[float]) -> dict[str, float]:
-    """JPEG (Pillow) per image at the quality whose bpp is nearest the codec's, averaged."""
-    from taskcodec.baselines import jpeg_at_bpp
+def anchor_reference(images: list[torch.Tensor], bpps: list[float], anchors: tuple[str, ...]
+                     ) -> tuple[dict[str, float], dict[str, str]]:
+    """Each anchor (Pillow) per image at the quality whose bpp is nearest the codec's.
 
-    points = [jpeg_at_bpp(img, bpp) for img, bpp in zip(images, bpps)]
-    return {f"jpeg_{k}": mean(p[k] for p in points) for k in ("bpp", "psnr", "ms_ssim")}
+    Returns the metrics (``<anchor>_bpp``, ``_psnr``, ``_ms_ssim``: means over the images) and
+    the params (``anchor_<anchor>_quality``: the qualities chosen, then the fixed encoder
+    settings such as ``anchor_webp_method``). An anchor this Pillow cannot code is skipped with
+    one warning line, and ``anchor_<anchor>`` says why.
+    """
+    from taskcodec.baselines import anchor_at_bpp, anchor_settings, unavailable
+
+    metrics: dict[str, float] = {}
+    params: dict[str, str] = {}
+    for name in anchors:
+        reason = unavailable(name)
+        if reason:
+            log.warning("%s anchor skipped: %s", name.upper(), reason)
+            params[f"anchor_{name}"] = f"unavailable: {reason}"[:500]
+            continue
+        points = [anchor_at_bpp(name, img, bpp) for img, bpp in zip(images, bpps)]
+        metrics.update({f"{name}_{k}": mean(p[k] for p in points)
+                        for k in ("bpp", "psnr", "ms_ssim")})
+        params[f"anchor_{name}_quality"] = _qualities([p["quality"] for p in points])
+        params.update({f"anchor_{name}_{k}": v for k, v in anchor_settings(name).items()})
+    return metrics, params
+
+
+def _qualities(chosen: list[int]) -> str:
+    """The qualities chosen per image, in image order; their range and median past 40 images."""
+    if len(chosen) <= 40:
+        return ",".join(map(str, chosen))
+    return (f"{min(chosen)}-{max(chosen)} (median {sorted(chosen)[len(chosen) // 2]}, "
+            f"{len(chosen)} images)")
 
 
 def save_grid(originals: list[torch.Tensor], recons: list[torch.Tensor], path: Path,
@@ -394,8 +421,6 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str]
         recons.append(x_hat)
     _check_some(results, failures)
     summary = summarize(results)
-    if config.jpeg:
-        summary.update(jpeg_reference(originals, [r.bpp for r in results]))
     info = data_info(_data_source(config, codec), getattr(dataset, "split", config.split), digest)
     return summary, results, originals, recons, info
 
@@ -437,6 +462,11 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     failures: list[str] = []
     if codec.kind == "codec":
         summary, results, originals, recons, data = _evaluate_images(config, codec, failures)
+        anchors = parse_anchors(config.anchors, "anchors") if config.jpeg else ()
+        anchor_metrics, anchor_params = anchor_reference(originals, [r.bpp for r in results],
+                                                         anchors)
+        summary.update(anchor_metrics)
+        params.update(anchor_params)
         rows = [{k: getattr(r, k) for k in ImageResult.__dataclass_fields__} for r in results]
         params.update({"lmbda": stored.get("lmbda"), "N": stored.get("N"), "M": stored.get("M"),
                        "metric": stored.get("metric")})

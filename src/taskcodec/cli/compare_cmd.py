@@ -41,7 +41,7 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
               help="tag or param whose values make the curves (several: joined with /)")
 @click.option("--anchor", default="", metavar="CURVE",
               help="curve the others are measured against [default: the first --reference, "
-                   "else JPEG with --jpeg, else the first curve by name]")
+                   "else the first anchor (JPEG, WebP, AVIF), else the first curve by name]")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME",
               help="quality metric to compare (repeatable) [default: every metric the runs share]")
 @click.option("--reference", "references", multiple=True, metavar="FILE",
@@ -50,7 +50,10 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--jpeg", is_flag=False, flag_value="true", default="false", type=click.BOOL,
               metavar="[BOOL]",
               help="add the JPEG points evaluate measured next to each run as a curve "
-                   "[default: false]")
+                   "(as --anchors jpeg) [default: false]")
+@click.option("--anchors", default="", metavar="NAME[,NAME]",
+              help="add the points evaluate measured next to each run with these classical "
+                   "codecs as curves: jpeg, webp, avif (e.g. --anchors jpeg,webp,avif)")
 @click.option("--mix-data", is_flag=False, flag_value="true", default="false", type=click.BOOL,
               metavar="[BOOL]",
               help="put runs evaluated on different data sets (by content digest) into the "
@@ -79,7 +82,7 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--run-name", default="", metavar="NAME", help="name of the comparison run")
 def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags: dict[str, str],
             group_by: str, anchor: str, metrics: tuple[str, ...], references: tuple[str, ...],
-            jpeg: bool, mix_data: bool, bd_method: str, rate: str, replicates_by: str,
+            jpeg: bool, anchors: str, mix_data: bool, bd_method: str, rate: str, replicates_by: str,
             pair_by: str, equivalence_margin: float | None, pareto: bool, output_dir: str,
             run_name: str) -> None:
     """Compare runs as rate-distortion curves: RD plots and BD-rate / BD-metric tables.
@@ -98,6 +101,7 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
     Examples:
       taskcodec compare --experiment taskcodec --anchor bmshj2018-factorized
       taskcodec compare --jpeg --anchor JPEG --group-by codec --output-dir rd/
+      taskcodec compare --anchors jpeg,webp,avif --anchor JPEG --output-dir rd/
       taskcodec compare --filter "params.N = '128'" --reference kodak/jpeg.json
       taskcodec compare --tag method=mbt2018 --group-by metric --metric ms_ssim
       taskcodec compare --run-id RUN1 --run-id RUN2 --run-id RUN3 --run-id RUN4
@@ -113,7 +117,7 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
         experiment=experiment.strip(), filter_string=filter_string.strip(),
         run_ids=_split(run_ids), tags=tags, group_by=group_by, anchor=anchor.strip(),
         metrics=_split(metrics), references=tuple(r for r in references if r.strip()),
-        jpeg=jpeg, mix_data=mix_data, bd_method=bd_method, rate=rate.strip(),
+        jpeg=jpeg, anchors=anchors, mix_data=mix_data, bd_method=bd_method, rate=rate.strip(),
         replicates_by=replicates_by.strip(), pair_by=pair_by.strip(),
         equivalence_margin=equivalence_margin, pareto=pareto,
         output_dir=Path(output_dir) if output_dir.strip() else None, run_name=run_name)

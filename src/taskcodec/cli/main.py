@@ -135,15 +135,17 @@ def evaluate(config: EvalConfig, output_dir: Path | None) -> None:
     A folder without train/val/test subfolders is evaluated whole (Kodak: all 24 images);
     the table's first line says how many images of which data (with a content digest).
     """
+    from taskcodec.config import ANCHORS
     from taskcodec.evaluate import describe_data, format_table
     from taskcodec.evaluate import evaluate as run_evaluation
 
     result = run_evaluation(config, output_dir)
     rows = [(result["codec"], result["summary"])]
     summary = result["summary"]
-    if "jpeg_bpp" in summary:
-        rows.append(("JPEG (Pillow), nearest bpp",
-                     {k: summary[f"jpeg_{k}"] for k in ("bpp", "psnr", "ms_ssim")}))
+    for name, label in ANCHORS.items():
+        if f"{name}_bpp" in summary:
+            rows.append((f"{label} (Pillow), nearest bpp",
+                         {k: summary[f"{name}_{k}"] for k in ("bpp", "psnr", "ms_ssim")}))
     click.echo(describe_data(result["data"]))
     click.echo(format_table(rows))
     click.echo(f"MLflow run: {result['run_id']}")

@@ -12,17 +12,17 @@ with piecewise cubic Hermite interpolation by default (it keeps a monotonic set 
 monotonic between them, where a single cubic through all points may wiggle and bias the delta),
 or the classic cubic fit of VCEG-M33.
 
-Published points (a CompressAI results JSON, a CSV of bpp and metrics) and the JPEG points that
-evaluate measured next to each run join as reference curves. The result is a set of files
-(RD plots as PNG and SVG, points and BD table as CSV and JSON) logged as artifacts of a new
-MLflow run tagged ``comparison=true``.
+Published points (a CompressAI results JSON, a CSV of bpp and metrics) and the anchors that
+evaluate measured next to each run (JPEG, WebP, AVIF: Pillow) join as reference curves. The
+result is a set of files (RD plots as PNG and SVG, points and BD table as CSV and JSON)
+logged as artifacts of a new MLflow run tagged ``comparison=true``.
 
 When the curves hold paper 1's baselines, every other curve of their group also gets paper 1's
 share of the ideal gain (:mod:`taskcodec.ideal_gain`).
 
 The package, by what a newcomer looks for:
 
-- :mod:`~taskcodec.compare.curves`: points and curves (runs grouped by a tag, JPEG, published
+- :mod:`~taskcodec.compare.curves`: points and curves (runs grouped by a tag, anchors, published
   references), replicates averaged into one point, the operational (Pareto) RD curve;
 - :mod:`~taskcodec.compare.bd`: Bjøntegaard deltas and the BD table;
 - :mod:`~taskcodec.compare.statistics`: intervals over replicates, paired BD per seed,
@@ -46,16 +46,19 @@ from taskcodec.compare.bd import (
 from taskcodec.compare.comparison import (
     CompareOptions,
     Comparison,
+    anchor_curves,
     build_curves,
     choose_metrics,
     compare,
 )
 from taskcodec.compare.curves import (
+    ANCHOR_CURVES,
     JPEG_CURVE,
     RATE,
     Curve,
     Point,
     aggregate_replicates,
+    anchor_curve,
     check_rate,
     curves_from_runs,
     data_key,
@@ -107,5 +110,6 @@ __all__ = [
     "parse_group_by", "pick_anchor", "plot_rd", "points_records", "run_ids_tag", "safe_name",
     "select_runs", "shared_metrics", "tag_filter", "write_bd", "write_outputs", "write_points",
     "write_rows", "aggregate_replicates", "pareto_front", "replicate_curves", "Estimate",
-    "PairedRow", "estimate", "mean_interval", "paired_table", "tost_p",
+    "PairedRow", "estimate", "mean_interval", "paired_table", "tost_p", "ANCHOR_CURVES",
+    "anchor_curve", "anchor_curves",
 ]

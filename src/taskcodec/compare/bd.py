@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from taskcodec.compare.curves import Curve, lower_is_better, metric_unit, pareto_front
+from taskcodec.config import ANCHORS
 from taskcodec.errors import ConfigError
 
 BD_METHODS = ("pchip", "cubic")
@@ -179,7 +180,8 @@ def bd_table(curves: Sequence[Curve], anchor: Curve, metrics: Sequence[str],
 
 def pick_anchor(curves: Sequence[Curve], anchor: str | None) -> Curve:
     """The named curve (exact, else case-insensitive, else a unique prefix such as "jpeg");
-    by default the first reference curve, else JPEG, else the first curve in name order."""
+    by default the first reference curve, else an anchor (JPEG, WebP, AVIF in that order), else
+    the first curve in name order."""
     if not curves:
         raise ConfigError("nothing to compare: no curves")
     if anchor:
@@ -191,7 +193,7 @@ def pick_anchor(curves: Sequence[Curve], anchor: str | None) -> Curve:
                 return found[0]
         raise ConfigError(f"--anchor {anchor!r} is not one of the curves: "
                           f"{', '.join(repr(c.name) for c in curves)}")
-    for source in ("reference", "jpeg", "runs"):
+    for source in ("reference", *ANCHORS, "runs"):
         for curve in curves:
             if curve.source == source:
                 return curve

@@ -4,6 +4,7 @@ comparison run logged in MLflow."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -15,11 +16,11 @@ from taskcodec.compare.curves import (
     RATE,
     Curve,
     aggregate_replicates,
+    anchor_curve,
     check_rate,
     curves_from_runs,
     data_label,
     data_sets,
-    jpeg_curve,
     load_reference,
     parse_group_by,
     shared_metrics,
@@ -35,7 +36,10 @@ from taskcodec.compare.report import (
 )
 from taskcodec.compare.selection import run_ids_tag, select_runs
 from taskcodec.compare.statistics import CONFIDENCE, PairedRow, check_confidence, paired_table
+from taskcodec.config import parse_anchors
 from taskcodec.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class CompareOptions:
     metrics: tuple[str, ...] = ()
     references: tuple[str, ...] = ()
     jpeg: bool = False
+    anchors: tuple[str, ...] | str = ()  # jpeg, webp, avif (or a comma list): their curves
     mix_data: bool = False  # put runs evaluated on different data into one curve
     bd_method: str = "pchip"
     rate: str = RATE
@@ -67,6 +72,8 @@ class CompareOptions:
         parse_group_by(self.group_by)
         check_rate(self.rate)
         check_confidence(self.confidence)
+        given = self.anchors if isinstance(self.anchors, str) else ",".join(self.anchors)
+        self.anchors = parse_anchors(given, f"--anchors {given!r}")
         if self.replicates_by and self.pair_by and self.replicates_by != self.pair_by:
             raise ConfigError(f"--replicates-by {self.replicates_by!r} and --pair-by "
                               f"{self.pair_by!r} name different keys; replicates are paired "
@@ -79,6 +86,11 @@ class CompareOptions:
     @property
     def replicate_key(self) -> str:
         return self.pair_by or self.replicates_by
+
+    @property
+    def anchor_names(self) -> tuple[str, ...]:
+        """The anchors to draw: --anchors, and JPEG with --jpeg."""
+        return tuple(dict.fromkeys((("jpeg",) if self.jpeg else ()) + self.anchors))
 
 
 @dataclass
@@ -108,22 +120,13 @@ def _resolve_experiment(client, name: str, create: bool = False):
 
 
 def build_curves(runs: Sequence, options: CompareOptions) -> list[Curve]:
-    """Run curves, then the reference files, then JPEG; names are unique. With a replicate
-    key, a run curve's points keep their seed (see :func:`aggregate_replicates`)."""
+    """Run curves, then the reference files, then the anchors (JPEG, WebP, AVIF); names are
+    unique. With a replicate key, a run curve's points keep their seed (see
+    :func:`aggregate_replicates`)."""
     curves = curves_from_runs(runs, options.group_by, options.rate, mix_data=options.mix_data,
                               replicate_key=options.replicate_key)
     curves += [load_reference(p) for p in options.references]
-    if options.jpeg:
-        labels = data_sets(runs)
-        by_data = ([list(runs)] if options.mix_data or len(labels) == 1 else
-                   [[r for r in runs if data_label(r) == label] for label in labels])
-        jpegs = [jpeg_curve(group) for group in by_data]
-        if not any(jpegs):
-            raise ConfigError("--jpeg: none of the selected runs logged jpeg_bpp "
-                              "(evaluate them with --jpeg true)")
-        curves += [c if len(by_data) == 1 else
-                   Curve(f"{c.name} @ {data_label(group[0])}", c.points, c.source)
-                   for c, group in zip(jpegs, by_data) if c is not None]
+    curves += anchor_curves(runs, options.anchor_names, mix_data=options.mix_data)
     seen: dict[str, int] = {}
     unique = []
     for c in curves:
@@ -131,6 +134,32 @@ def build_curves(runs: Sequence, options: CompareOptions) -> list[Curve]:
         unique.append(c if seen[c.name] == 1 else Curve(f"{c.name} ({seen[c.name]})", c.points,
                                                          c.source))
     return unique
+
+
+def anchor_curves(runs: Sequence, anchors: Sequence[str], *, mix_data: bool = False
+                  ) -> list[Curve]:
+    """A curve per anchor and data set from the points evaluate measured beside the runs. An
+    anchor no run measured (AVIF where Pillow lacks it) is left out with a warning; none
+    measured at all is an error."""
+    labels = data_sets(runs)
+    by_data = ([list(runs)] if mix_data or len(labels) == 1 else
+               [[r for r in runs if data_label(r) == label] for label in labels])
+    curves, missing = [], []
+    for anchor in anchors:
+        found = [(c, group) for group in by_data if (c := anchor_curve(group, anchor))]
+        if not found:
+            missing.append(anchor)
+        curves += [c if len(by_data) == 1 else
+                   Curve(f"{c.name} @ {data_label(group[0])}", c.points, c.source)
+                   for c, group in found]
+    if missing and not curves:
+        raise ConfigError(f"--anchors {','.join(anchors)}: none of the selected runs logged "
+                          f"{' or '.join(f'{a}_bpp' for a in missing)} (evaluate them with "
+                          f"--anchors {','.join(anchors)})")
+    for anchor in missing:
+        log.warning("--anchors: no selected run logged %s_bpp (evaluated without that anchor, "
+                    "or where Pillow cannot code it); no %s curve", anchor, anchor.upper())
+    return curves
 
 
 def choose_metrics(curves: Sequence[Curve], wanted: Sequence[str]) -> list[str]:
@@ -168,7 +197,8 @@ def _log_run(client, experiment_id: str, files: Sequence[Path], options: Compare
               "rate": options.rate,
               "metrics": ",".join(metrics)[:500], "curves": curves, "compared_runs": len(run_ids),
               "references": ",".join(Path(p).name for p in options.references)[:500],
-              "jpeg": str(options.jpeg).lower(), "mix_data": str(options.mix_data).lower(),
+              "jpeg": str(options.jpeg).lower(), "anchors": ",".join(options.anchor_names),
+              "mix_data": str(options.mix_data).lower(),
               "replicates_by": options.replicates_by, "pair_by": options.pair_by,
               "equivalence_margin": options.equivalence_margin or "",
               "pareto": str(options.pareto).lower(), "confidence": options.confidence}
@@ -223,8 +253,9 @@ def compare(options: CompareOptions) -> Comparison:
         raise ConfigError(f"no run with a {options.rate} metric among {what} at {uri} "
                           "(evaluate checkpoints first: taskcodec evaluate --checkpoint RUN_ID, "
                           "or compare published curves with --reference FILE)")
-    if options.jpeg and not runs:
-        raise ConfigError("--jpeg: no run was selected, so there are no JPEG points")
+    if options.anchor_names and not runs:
+        raise ConfigError(f"--anchors {','.join(options.anchor_names)}: no run was selected, so "
+                          "there are no anchor points")
     if not experiment_id:
         experiment_id = _resolve_experiment(client, name, create=True).experiment_id
     raw = build_curves(runs, options)

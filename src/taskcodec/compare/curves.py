@@ -1,5 +1,5 @@
-"""Points and curves: evaluate runs grouped into RD curves, JPEG points, published
-reference results."""
+"""Points and curves: evaluate runs grouped into RD curves, the anchors' points (JPEG, WebP,
+AVIF), published reference results."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from taskcodec.config import higher_is_better
+from taskcodec.config import ANCHORS, higher_is_better
 from taskcodec.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 RATE = "bpp"
-JPEG_CURVE = "JPEG (Pillow)"
+#: The curve of each anchor evaluate measured: "JPEG (Pillow)", ...
+ANCHOR_CURVES = {name: f"{label} (Pillow)" for name, label in ANCHORS.items()}
+JPEG_CURVE = ANCHOR_CURVES["jpeg"]
 
-# Logged next to the quality metrics but not quality: rates, timings, training values, JPEG.
-_NOT_QUALITY_PREFIXES = ("bpp", "jpeg_", "val_", "train_", "bd_", "system/")
+# Logged next to the quality metrics but not quality: rates, timings, training values, anchors.
+_NOT_QUALITY_PREFIXES = ("bpp", *(f"{a}_" for a in ANCHORS), "val_", "train_", "bd_", "system/")
 _NOT_QUALITY_SUFFIXES = ("_time", "_seconds", "loss", "_bytes")
 _NOT_QUALITY = frozenset({"epoch", "step", "lr", "aux_lr", "images", "rate"})
 _LABELS = {"psnr": "PSNR", "ms_ssim": "MS-SSIM", "map": "mAP", "miou": "mIoU",
@@ -75,7 +77,7 @@ class Point:
 class Curve:
     name: str
     points: tuple[Point, ...]
-    source: str = "runs"  # runs | reference | jpeg
+    source: str = "runs"  # runs | reference | an anchor's name (jpeg, webp, avif)
 
     def metric_names(self) -> set[str]:
         """Quality metrics of at least one point."""
@@ -254,27 +256,34 @@ def pareto_front(curve: Curve, metric: str) -> tuple[Curve, list[Point]]:
     return replace(curve, points=tuple(kept)), dropped
 
 
-def jpeg_curve(runs: Iterable) -> Curve | None:
-    """JPEG at the rate of each run (the ``jpeg_*`` metrics evaluate logs), as one curve.
+def anchor_curve(runs: Iterable, anchor: str = "jpeg") -> Curve | None:
+    """The anchor (jpeg, webp or avif) at the rate of each run (the ``<anchor>_*`` metrics
+    evaluate logs), as one curve; None when no run has them.
 
-    Runs whose rates led evaluate to the same JPEG setting measured the same point; it is kept
+    Runs whose rates led evaluate to the same setting measured the same point; it is kept
     once (averaged), since a curve cannot hold two points at one rate.
     """
+    prefix, label = f"{anchor}_", ANCHORS[anchor]
     by_rate: dict[float, list[tuple[str, dict[str, float]]]] = {}
     for run in runs:
         metrics = _finite(run.data.metrics)
-        if "jpeg_bpp" not in metrics:
+        if f"{prefix}bpp" not in metrics:
             continue
-        quality = {k[len("jpeg_"):]: v for k, v in metrics.items()
-                   if k.startswith("jpeg_") and k != "jpeg_bpp"}
-        by_rate.setdefault(metrics["jpeg_bpp"], []).append((run.info.run_id, quality))
+        quality = {k[len(prefix):]: v for k, v in metrics.items()
+                   if k.startswith(prefix) and k != f"{prefix}bpp"}
+        by_rate.setdefault(metrics[f"{prefix}bpp"], []).append((run.info.run_id, quality))
     points = []
     for bpp, measured in by_rate.items():
         names = set.intersection(*(set(q) for _, q in measured))
         quality = {k: sum(q[k] for _, q in measured) / len(measured) for k in names}
-        label = "JPEG" if len(measured) == 1 else f"JPEG ({len(measured)} runs)"
-        points.append(Point(bpp, quality, min(r for r, _ in measured), label))
-    return make_curve(JPEG_CURVE, points, "jpeg") if points else None
+        text = label if len(measured) == 1 else f"{label} ({len(measured)} runs)"
+        points.append(Point(bpp, quality, min(r for r, _ in measured), text))
+    return make_curve(ANCHOR_CURVES[anchor], points, anchor) if points else None
+
+
+def jpeg_curve(runs: Iterable) -> Curve | None:
+    """:func:`anchor_curve` of JPEG."""
+    return anchor_curve(runs, "jpeg")
 
 
 def shared_metrics(curves: Sequence[Curve]) -> list[str]:
