@@ -215,13 +215,13 @@ def launch_params(launcher: str, *args: str) -> list[dict[str, str]]:
     return params
 
 
-def test_gpu_jobs_get_bf16_and_tf32_and_the_switch_options_reach_every_command(no_defaults):
+def test_gpu_jobs_get_precision_auto_and_tf32_and_the_switch_options_reach_every_command(no_defaults):
     given = {"precision": "fp16", "tf32": "false", "compile": "true", "channels_last": "false"}
     for launcher in LAUNCHERS:
         (cpu,) = launch_params(launcher)
         assert not SWITCHES & set(cpu), launcher  # a CPU job: the trainer's own defaults
         (gpu,) = launch_params(launcher, "--gpus", "1", "-P", f"run_name={NASTY}")
-        assert {k: gpu[k] for k in SWITCHES & set(gpu)} == {"precision": "bf16", "tf32": "true"}
+        assert {k: gpu[k] for k in SWITCHES & set(gpu)} == {"precision": "auto", "tf32": "true"}
         assert gpu["run_name"] == NASTY  # quoted: the job gets the value, not its expansion
         (on_cpu,) = launch_params(launcher, "--gpus", "1", "-P", "device=cpu")
         assert not SWITCHES & set(on_cpu), launcher
@@ -244,7 +244,7 @@ def test_switch_quoting_in_the_slurm_script_and_the_k8s_index_script(no_defaults
                          "-P", f"run_name={NASTY}", "--compile", "auto")
         assert result.exit_code == 0, result.output
         # Plain words stay bare, the rest is single-quoted: shlex.quote of each word.
-        for word in ("precision=bf16", "tf32=true", "compile=auto", f"run_name={NASTY}"):
+        for word in ("precision=auto", "tf32=true", "compile=auto", f"run_name={NASTY}"):
             assert f"-P {shlex.quote(word)}" in result.stdout, (launcher, word)
         assert [p["run_name"] for p in rendered_commands_params(launcher, result.stdout)] == [
             NASTY, NASTY]
@@ -287,7 +287,7 @@ def test_rendered_commands_parse_back_into_the_config_the_launch_asked_for(no_de
 
     cases = {
         (): {},
-        ("--gpus", "1"): {"precision": "bf16", "tf32": True},
+        ("--gpus", "1"): {"precision": "auto", "tf32": True},
         ("--gpus", "1", "--precision", "fp16", "--no-tf32", "--compile", "false",
          "--no-channels-last"): {"precision": "fp16", "tf32": False, "compile": "false",
                                  "channels_last": False},

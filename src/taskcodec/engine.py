@@ -376,6 +376,8 @@ class Trainer:
         log.info("speed switches: compile=%s, channels_last=%s, precision=%s, tf32=%s",
                  self.compiled, config.channels_last, self.precision,
                  config.tf32 and self.device.type == "cuda")
+        # what ran, where a setting is "auto" (precision=auto is bf16 only on a GPU that has it)
+        self.logger.set_tags({"precision_used": self.precision, "compiled": str(self.compiled)})
 
     def _log_rd_point(self, val_set) -> None:
         """Code the first rd_images validation images with real bitstreams; log test_*."""

@@ -21,10 +21,10 @@ set -uo pipefail
 
 task=${SLURM_ARRAY_TASK_ID:-0}
 case $task in
-  0) cmd=(mlflow run /home/me/taskcodec -e train --env-manager local --experiment-name rd-sweep -P codec=bmshj2018-factorized -P epochs=100 -P lmbda=0.0018 -P precision=bf16 -P tf32=true) ;;
-  1) cmd=(mlflow run /home/me/taskcodec -e train --env-manager local --experiment-name rd-sweep -P codec=bmshj2018-factorized -P epochs=100 -P lmbda=0.0067 -P precision=bf16 -P tf32=true) ;;
-  2) cmd=(mlflow run /home/me/taskcodec -e train --env-manager local --experiment-name rd-sweep -P codec=mbt2018-mean -P epochs=100 -P lmbda=0.0018 -P precision=bf16 -P tf32=true) ;;
-  3) cmd=(mlflow run /home/me/taskcodec -e train --env-manager local --experiment-name rd-sweep -P codec=mbt2018-mean -P epochs=100 -P lmbda=0.0067 -P precision=bf16 -P tf32=true) ;;
+  0) cmd=(mlflow run /home/me/taskcodec -e train --env-manager local --experiment-name rd-sweep -P codec=bmshj2018-factorized -P epochs=100 -P lmbda=0.0018 -P precision=auto -P tf32=true) ;;
+  1) cmd=(mlflow run /home/me/taskcodec -e train --env-manager local --experiment-name rd-sweep -P codec=bmshj2018-factorized -P epochs=100 -P lmbda=0.0067 -P precision=auto -P tf32=true) ;;
+  2) cmd=(mlflow run /home/me/taskcodec -e train --env-manager local --experiment-name rd-sweep -P codec=mbt2018-mean -P epochs=100 -P lmbda=0.0018 -P precision=auto -P tf32=true) ;;
+  3) cmd=(mlflow run /home/me/taskcodec -e train --env-manager local --experiment-name rd-sweep -P codec=mbt2018-mean -P epochs=100 -P lmbda=0.0067 -P precision=auto -P tf32=true) ;;
   *) echo "taskcodec: array task $task has no parameters in this script" >&2; exit 2 ;;
 esac
 read -r -a run_ids <<< "${TASKCODEC_RUN_IDS:-}"

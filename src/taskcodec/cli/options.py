@@ -92,9 +92,9 @@ def _switch_options() -> list[Callable]:
     return [
         click.option("--precision", type=choice("precision"), default=None,
                      help="training precision: autocast of the transforms, the entropy models "
-                          "and the rate stay fp32 [default: bf16 with --gpus > 0 unless -P "
-                          "device=cpu (GPUs before Ampere, such as V100 or T4, emulate bf16: "
-                          "give fp16 there), else the trainer's auto]"),
+                          "and the rate stay fp32 [default: auto, written into the command with "
+                          "--gpus > 0: bf16 on a GPU with bf16 units (Ampere or newer), fp32 "
+                          "elsewhere; give fp16 for V100 or T4]"),
         click.option("--tf32/--no-tf32", default=None,
                      help="TF32 matmuls and convolutions [default: on; written into the "
                           "command with --gpus > 0; no effect on a CPU]"),

@@ -33,11 +33,13 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 #: ``-P precision=bf16``).
 SPEED_SWITCHES = ("precision", "tf32", "compile", "channels_last")
 #: What a GPU job (``--gpus`` > 0) of a training entry point runs with unless the user sets it
-#: (``-P``, ``--sweep`` or the option): bf16 autocast, the entropy models staying fp32, and TF32.
-#: They are written into the job's command, so the script and the run's parameters say what
-#: ran. Not for ``-P device=cpu``: that job runs on the CPU. compile and channels_last keep the
-#: trainer's defaults (compile=auto compiles on a GPU, but not a short run that ends up on a CPU).
-GPU_SWITCHES = {"precision": "bf16", "tf32": "true"}
+#: (``-P``, ``--sweep`` or the option): precision auto (bf16 autocast on a GPU that has bf16
+#: units, the entropy models staying fp32; fp32 on older GPUs and on a CPU, where bf16 is
+#: emulated and an order of magnitude slower: BENCHMARKS 7) and TF32. They are written into the
+#: job's command; the run's tag ``precision_used`` says what ran. Not for ``-P device=cpu``.
+#: compile and channels_last keep the trainer's defaults (compile=auto compiles on a GPU, but
+#: not a short run that ends up on a CPU).
+GPU_SWITCHES = {"precision": "auto", "tf32": "true"}
 
 
 def _config_fields(entry_point: str) -> set[str]:
