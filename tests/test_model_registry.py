@@ -139,11 +139,12 @@ def test_training_logged_its_codec_as_a_model_without_the_training_state(
     import numpy as np
 
     from taskcodec.codecs.loading import load_codec
+    from taskcodec.data.transforms import to_float
 
     image = np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     pyfunc = mlflow_pyfunc_load(f"models:/{NAME}@champion")
     (data,) = pyfunc.predict(image)
-    x = torch.from_numpy(image.transpose(2, 0, 1).copy()).float().div(255).unsqueeze(0)
+    x = to_float(torch.from_numpy(image.transpose(2, 0, 1).copy()))
     assert data == load_codec(str(registry["best"])).compress(x)
 
 

@@ -305,6 +305,8 @@ class PyfuncCodec:
         import numpy as np
         import torch
 
+        from taskcodec.data.transforms import to_float
+
         images = [model_input] if isinstance(model_input, np.ndarray) and model_input.ndim == 3 \
             else list(model_input)
         files = []
@@ -313,8 +315,8 @@ class PyfuncCodec:
             if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
                 raise ConfigError(f"an image to compress is a uint8 H x W x 3 array, not "
                                   f"{array.dtype} of shape {array.shape}")
-            x = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))).float() / 255
-            files.append(self.codec.compress(x.unsqueeze(0)))
+            files.append(self.codec.compress(to_float(torch.from_numpy(
+                np.ascontiguousarray(array.transpose(2, 0, 1))))))
         return files
 
 
