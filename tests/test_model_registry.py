@@ -53,7 +53,7 @@ def client(uri: str):
 @pytest.fixture(scope="module")
 def registry(mlflow_server, module_env, tmp_path_factory) -> dict:
     """Train with --register-as tiny-codec@candidate and --system-metrics true (sampled every
-    0.05 s), register again with `taskcodec register ... --alias champion`, delete the local
+    0.5 s), register again with `taskcodec register ... --alias champion`, delete the local
     checkpoints (a copy of best.pt is kept aside) and evaluate by models:/tiny-codec@champion."""
     from taskcodec.config import TrainConfig
     from taskcodec.engine import train
@@ -61,7 +61,7 @@ def registry(mlflow_server, module_env, tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("registry")
     with module_env(mlflow_server.uri, work, "model-registry"), \
             pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
         run_id = train(TrainConfig.from_dict({**TINY, "register_as": f"{NAME}@candidate",
                                               "system_metrics": True}))
         best = shutil.copy(work / "checkpoints" / run_id / "best.pt", work / "best-copy.pt")

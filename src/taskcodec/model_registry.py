@@ -148,9 +148,12 @@ def resolve(ref: str, uri: str | None = None) -> ModelVersionRef:
                           client.search_model_versions(f"name = '{name}'", max_results=1000))
         raise CheckpointError(f"{ref}: model {name!r} has no version {version} (versions: "
                               f"{_listing([str(v) for v in versions], 'none')})") from None
+    source = found.source or ""
+    # A server's answer may lack model_id; a logged model's version has models:/MODEL_ID as source.
+    logged = source.removeprefix(MODELS_PREFIX) if source.startswith(MODELS_PREFIX) else ""
     return ModelVersionRef(name=name, version=str(found.version), run_id=found.run_id or "",
-                           model_id=getattr(found, "model_id", None) or "",
-                           source=found.source or "")
+                           model_id=getattr(found, "model_id", None) or logged.split("/")[0],
+                           source=source)
 
 
 def download_checkpoint(ref: str, dst: Path, uri: str | None = None) -> tuple[Path,
@@ -218,8 +221,9 @@ def log_model(ckpt_path: Path, run_id: str, uri: str | None = None) -> str:
     mlflow.set_tracking_uri(client.tracking_uri)  # Model.log speaks to the global URI
     with tempfile.TemporaryDirectory(prefix="taskcodec-model-") as tmp:
         data = checkpoints.save_atomic(slim, Path(tmp) / DATA_FILE)
-        Model.log(name=model.name, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
-                  step=int(slim.get("step", 0)), loader_module=__name__, data_path=str(data),
+        Model.log(artifact_path=None, name=model.name, flavor=mlflow.pyfunc, run_id=run_id,
+                  model_id=model.model_id, step=int(slim.get("step", 0)),
+                  loader_module=__name__, data_path=str(data),
                   pip_requirements=_requirements())
     client.set_tag(run_id, MODEL_ID_TAG, model.model_id)
     client.set_tag(run_id, MODEL_FINGERPRINT_TAG, fingerprint)
@@ -233,8 +237,10 @@ def register(model_id: str, run_id: str, name: str, aliases: Sequence[str] = (),
     import mlflow
 
     client = _client(uri)
+    # Searched versions may lack model_id; their source is models:/MODEL_ID all the same.
     existing = [v for v in client.search_model_versions(f"name = '{name}'", max_results=1000)
-                if getattr(v, "model_id", None) == model_id]
+                if model_id in (getattr(v, "model_id", None), (v.source or "").removeprefix(
+                    MODELS_PREFIX))]
     if existing:
         version = existing[0]
     else:
