@@ -181,8 +181,8 @@ def resolve(ref: str, which: str = "best", cache: Path | None = None) -> Path:
             if which == "best":  # a run stopped before its first validation has only last.pt
                 return download_artifact(ref, f"{ARTIFACT_DIR}/last.pt", dst)
             raise
-    raise CheckpointError(f"checkpoint {ref!r} is neither an existing file, an MLflow run id "
-                          "(32 hex characters) nor a registered model (models:/NAME/VERSION or "
+    raise CheckpointError(f"checkpoint {ref!r} is neither an existing file nor an MLflow run "
+                          "id (32 hex characters) nor a registered model (models:/NAME/VERSION or "
                           "models:/NAME@ALIAS)")
 
 
