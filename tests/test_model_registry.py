@@ -197,6 +197,12 @@ def test_init_from_a_registered_model_takes_its_weights_and_architecture(
     assert not [k for k in run.data.metrics if k.startswith("system/")]
     assert [k for k in client(mlflow_server.uri).get_run(registry["run_id"]).data.metrics
             if k.startswith("system/cpu")]
+    # --base-run resolves the same way (this model is a plain codec, so it is refused as one)
+    from taskcodec.codecs.rebuild import load_base
+
+    with pytest.raises(CheckpointError, match=f"^base_run=models:/{NAME}@champion: its "
+                                              "checkpoint is a codec model, not a train-base run"):
+        load_base(f"models:/{NAME}@champion")
 
 
 @pytest.mark.server
