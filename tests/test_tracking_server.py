@@ -278,6 +278,32 @@ def test_evaluate_by_run_id_fetched_the_checkpoint_through_the_server(team, trai
     assert any(o["Key"].endswith(f"{eval_id}/artifacts/evaluation/per_image.csv") for o in listed)
 
 
+@pytest.mark.slow
+@pytest.mark.server
+def test_a_registered_codec_is_evaluated_by_its_alias_through_the_team_server(
+        team, trained, monkeypatch, tmp_path):
+    from taskcodec import model_registry
+    from taskcodec.config import EvalConfig
+    from taskcodec.evaluate import evaluate
+
+    for name, value in team.env("alice", experiment="team-e2e").items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    found = model_registry.publish(trained["run_id"], "team-codec", ["champion"])
+    assert str(found) == "models:/team-codec/1"  # the model alice's training logged
+    result = evaluate(EvalConfig(checkpoint="models:/team-codec@champion", max_images=1,
+                                 max_side=128, jpeg=False))
+    assert team.sql("SELECT name, version, run_id FROM model_versions") == [
+        ("team-codec", 1, trained["run_id"])]
+    assert team.sql("SELECT alias, version FROM registered_model_aliases") == [("champion", 1)]
+    tags = dict(team.sql("SELECT key, value FROM tags WHERE run_uuid = %s", result["run_id"]))
+    assert tags["evaluated_run_id"] == trained["run_id"]
+    assert tags["evaluated_model"] == "team-codec/1"
+    (digest,) = team.sql("SELECT digest FROM datasets d JOIN inputs i ON i.source_id = "
+                         "d.dataset_uuid WHERE i.destination_id = %s", result["run_id"])[0]
+    assert digest == result["data"]["data_digest"]
+
+
 # -- security --------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.server

@@ -12,6 +12,10 @@ CompressAI checkpoints are read too: ``examples/train.py`` files (weights under 
 ``network`` or ``model_state_dict``), plain state dicts, and zoo weights by name
 (``compressai:bmshj2018-hyperprior:3``) from the local torch hub cache. Their codec is the one
 given (``--codec``) or the one registered codec whose parameters the weights fit.
+
+A reference (:func:`load_ref`) is a path, an MLflow run id, a registered model
+(``models:/NAME/VERSION``, ``models:/NAME@ALIAS``: see :mod:`taskcodec.model_registry`) or a
+zoo name.
 """
 
 from __future__ import annotations
@@ -151,6 +155,17 @@ def load_zoo(ref: str) -> dict[str, Any]:
     return load(path, arch)
 
 
+#: What only resuming needs: left out of the copy an MLflow model holds.
+TRAINING_STATE = ("optimizer", "aux_optimizer", "lr_scheduler", "unsent_metrics", "epoch_step",
+                  "bad_validations", "seconds")
+
+
+def without_training_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint minus the optimizers and loop state: still a taskcodec checkpoint (same
+    weights, fingerprint, config and ``model_args``), about a third of the size."""
+    return {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+
+
 def resolve(ref: str, which: str = "best", cache: Path | None = None) -> Path:
     """A checkpoint path from a path or an MLflow run id (downloaded from the tracking server)."""
     from taskcodec.tracking import download_artifact
@@ -166,19 +181,30 @@ def resolve(ref: str, which: str = "best", cache: Path | None = None) -> Path:
             if which == "best":  # a run stopped before its first validation has only last.pt
                 return download_artifact(ref, f"{ARTIFACT_DIR}/last.pt", dst)
             raise
-    raise CheckpointError(f"checkpoint {ref!r} is neither an existing file nor an MLflow run id "
-                          "(32 hex characters)")
+    raise CheckpointError(f"checkpoint {ref!r} is neither an existing file nor an MLflow run "
+                          "id (32 hex characters) nor a registered model (models:/NAME/VERSION or "
+                          "models:/NAME@ALIAS)")
 
 
 def load_ref(ref: str, which: str = "best", codec: str = "") -> tuple[dict[str, Any], Path]:
-    """Load a checkpoint given as a path, an MLflow run id or a CompressAI zoo name; a download
+    """Load a checkpoint given as a path, an MLflow run id, a registered model
+    (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) or a CompressAI zoo name; a download
     is removed after loading. Returns the checkpoint and where it came from (for messages).
     ``codec`` names the architecture of CompressAI weights where their keys do not tell."""
+    from taskcodec import model_registry
+
     candidate = Path(ref).expanduser()
     if candidate.is_file():
         return load(candidate, codec), candidate
     if ref.startswith(ZOO_PREFIX):
         return load_zoo(ref), zoo_path(ref)[1]
+    if model_registry.is_model_uri(ref):
+        if which != "best":
+            raise CheckpointError(f"{ref}: a registered model holds one checkpoint; "
+                                  f"--which {which} is for run ids")
+        with tempfile.TemporaryDirectory(prefix="taskcodec-ckpt-") as tmp:
+            path, found = model_registry.download_checkpoint(ref, Path(tmp))
+            return load(path), Path(str(found))
     with tempfile.TemporaryDirectory(prefix="taskcodec-ckpt-") as tmp:
         path = resolve(ref, which, Path(tmp))
         return load(path), Path(f"{ref}/{ARTIFACT_DIR}/{path.name}")

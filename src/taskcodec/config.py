@@ -219,7 +219,8 @@ class LoopConfig(Config):
     log_every: int = opt(10, "log training losses every this many steps", min=1)
     checkpoint_every: int = opt(0, "also checkpoint every this many steps (0: once per epoch)",
                                 min=0)
-    init_from: str = opt("", "start from the weights of this MLflow run id or checkpoint path "
+    init_from: str = opt("", "start from the weights of this MLflow run id, registered model "
+                         "(models:/NAME@ALIAS) or checkpoint path "
                          "(its architecture too: codec, N, M, ... unless given)")
     resume: str = opt("", "continue this MLflow run id from its last checkpoint "
                       "(also $TASKCODEC_RESUME_RUN_ID)")
@@ -233,8 +234,19 @@ class LoopConfig(Config):
                          "fp32); auto: bf16 on a GPU that has it, else fp32",
                          choices=("auto", "fp32", "bf16", "fp16"))
     tf32: bool = opt(True, "TF32 matmuls/convolutions on GPUs that have them (no-op on CPU)")
+    register_as: str = opt("", "register the trained codec in the MLflow Model Registry under "
+                           "this name (NAME@ALIAS: also point ALIAS at the new version); it is "
+                           "then models:/NAME/VERSION and models:/NAME@ALIAS")
+    system_metrics: bool = opt(False, "log MLflow's system metrics (CPU, memory, disk, network, "
+                               "GPU) as system/* every 10 s; also on when "
+                               "$MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true, as in jobs that "
+                               "slurm-launch and k8s-launch start")
 
     def check(self) -> None:
+        if self.register_as:
+            from taskcodec.model_registry import check_name
+
+            check_name(self.register_as)
         if self.patch_size % 16:
             raise ConfigError(f"patch_size={self.patch_size} must be a multiple of 16 "
                               "(the codecs downsample by 16)")
@@ -406,7 +418,8 @@ class EnhancementConfig(LoopConfig):
     fits_weights: ClassVar[dict[str, frozenset]] = {"method": frozenset(
         {("lower", "upper"), ("upper", "lower"), ("conditional", "standalone-refit")})}
 
-    base_run: str = opt("", "MLflow run id (or checkpoint path) of the trained base layer")
+    base_run: str = opt("", "MLflow run id (or registered model models:/NAME@ALIAS, or "
+                        "checkpoint path) of the trained base layer")
     data: str = opt("scenes", "'scenes' (procedural, embedded), coco:PATH or cityscapes:PATH")
     method: str = opt("conditional", "how the enhancement uses the base: conditional (its "
                       "entropy model is conditioned on it, as in both papers), "
@@ -470,7 +483,8 @@ class EvalConfig(Config):
 
     entry_point: ClassVar[str] = "evaluate"
 
-    checkpoint: str = opt("", "MLflow run id whose checkpoint to evaluate, a checkpoint path "
+    checkpoint: str = opt("", "MLflow run id whose checkpoint to evaluate, a registered model "
+                          "(models:/NAME/VERSION or models:/NAME@ALIAS), a checkpoint path "
                           "(taskcodec's or CompressAI's) or compressai:ARCH:QUALITY")
     which: str = opt("best", "which checkpoint of the run: best or last",
                      choices=("best", "last"))

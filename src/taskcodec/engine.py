@@ -37,6 +37,8 @@ _RESUMABLE = ("epochs", "max_steps", "num_workers", "device", "log_every", "chec
               "precision", "tf32", "rd_every", "rd_images", "cache_mb")
 # Settings that name the run rather than shape it: never a conflict on resume.
 _IDENTITY = ("resume", "run_name")
+# Settings of this process only (what it logs and publishes): a resume takes the given value.
+_PER_PROCESS = ("register_as", "system_metrics")
 
 
 def progress_enabled() -> bool:
@@ -169,11 +171,12 @@ class Trainer:
             if ckpt is not None:  # a conflicting setting is refused before the run is touched
                 self._adopt_stored_config(ckpt["config"], run_id=run_id)
             tracking.check_run_artifacts(run_id, uri)  # where checkpoints go, before training
-            active = mlflow.start_run(run_id=run_id)
+            active = mlflow.start_run(run_id=run_id, log_system_metrics=self._system_metrics())
         else:
             tracking.check_experiment_artifacts(tracking.experiment_name(), uri)
             mlflow.set_experiment(tracking.experiment_name())
-            active = mlflow.start_run(run_name=config.run_name or None)
+            active = mlflow.start_run(run_name=config.run_name or None,
+                                      log_system_metrics=self._system_metrics())
             self.ckpt_dir = Path(config.checkpoint_dir or Path("checkpoints") / active.info.run_id)
         run_id = active.info.run_id
         distributed.broadcast((run_id, ckpt, {**self.config.to_dict(),
@@ -205,6 +208,7 @@ class Trainer:
             unsent = self.logger.close()
             if unsent:
                 log.warning("%d logging calls could not be sent to %s", len(unsent), uri)
+            unpublished = self._publish_model(run_id, uri) if status == "FINISHED" else ""
             try:
                 mlflow.end_run(status)
             except Exception as err:  # the server may still be away: the run stays RUNNING
@@ -215,7 +219,35 @@ class Trainer:
                                 f"checkpoints are in {self.ckpt_dir} (upload them with "
                                 f"mlflow artifacts log-artifacts --run-id {run_id} "
                                 f"--local-dir {self.ckpt_dir} --artifact-path checkpoints)")
+        if unpublished and self.config.register_as:  # asked for, so not only a warning
+            raise TrackingError(unpublished)
         return run_id
+
+    def _system_metrics(self) -> bool | None:
+        """True with --system-metrics true; else None: $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+        (set in launched jobs) decides."""
+        return True if self.config.system_metrics else None
+
+    def _publish_model(self, run_id: str, uri: str) -> str:
+        """Log the codec as an MLflow model (and register it with --register-as); '' when
+        done, else why not, with the command that does it later. Training is not lost for it."""
+        from taskcodec import model_registry
+
+        local = next((p for p in (self.ckpt_dir / "best.pt", self.ckpt_dir / "last.pt")
+                      if p.is_file()), None)
+        try:
+            found = model_registry.publish(run_id, self.config.register_as, ckpt_path=local,
+                                           uri=uri)
+        except Exception as err:  # the server may be away; the checkpoints are safe
+            text = str(err).strip().splitlines()[0][:200] if str(err).strip() else repr(err)
+            why = (f"run {run_id} trained, but its model was not logged or registered ({text}); "
+                   f"do it with: taskcodec register {run_id} "
+                   f"{self.config.register_as.partition('@')[0] or 'NAME'}")
+            log.warning("%s", why)
+            return why
+        if found is not None:
+            log.info("registered run %s as %s", run_id, found)
+        return ""
 
     def _find_resume_checkpoint(self, run_id: str, uri: str) -> dict | None:
         local = self.ckpt_dir / "last.pt"
@@ -241,7 +273,8 @@ class Trainer:
         if run_id:
             for f in cls.fields():
                 value = getattr(given, f.name)
-                if (f.name in _RESUMABLE or f.name in _IDENTITY or f.name not in stored
+                if (f.name in _RESUMABLE or f.name in _IDENTITY or f.name in _PER_PROCESS
+                        or f.name not in stored
                         or value == defaults[f.name] or value == stored[f.name]):
                     continue
                 raise ConfigError(
@@ -251,7 +284,8 @@ class Trainer:
                     f"start a new run with --init-from {run_id}")
         changed = {k: getattr(given, k) for k in _RESUMABLE if getattr(given, k) != defaults[k]}
         self.resumed_with = {k: v for k, v in changed.items() if stored.get(k) != v}
-        merged = {**stored, **changed, "resume": given.resume}
+        merged = {**stored, **changed, "resume": given.resume,
+                  **{k: getattr(given, k) for k in _PER_PROCESS}}
         self.config = cls.from_dict({k: v for k, v in merged.items()
                                      if k in {f.name for f in cls.fields()}})
         self.recipe = recipe_for(self.config)
@@ -324,6 +358,8 @@ class Trainer:
         if ckpt is None:
             self.logger.log_params({k: str(v) for k, v in recipe.model_params(model).items()})
         train_set, val_set = recipe.datasets()
+        if ckpt is None and self.dist.is_main:
+            self._log_datasets(train_set, val_set)
         # Under DDP an epoch still covers the data set once: each rank takes its share.
         steps_per_epoch = max(1, len(train_set) // (config.batch_size * self.dist.world_size))
         self.ddp_model = distributed.wrap(model, recipe.trainable(model), self.dist)
@@ -353,6 +389,15 @@ class Trainer:
             self._checkpoint("last")
             if finished_budget:
                 break
+
+    def _log_datasets(self, train_set, val_set) -> None:
+        """The training and validation sets as the run's dataset inputs (the UI's Datasets)."""
+        from taskcodec.evaluate import listing_info
+
+        c = self.config
+        self.logger.log_datasets([(listing_info(data, c.data, split, c.data_seed), context)
+                                  for data, split, context in ((train_set, "train", "training"),
+                                                               (val_set, "val", "validation"))])
 
     def _speed_up(self, model: nn.Module, steps_per_epoch: int) -> None:
         """Apply the speed switches (see :mod:`taskcodec.speed`) and say which are on."""

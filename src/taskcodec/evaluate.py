@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from taskcodec import tracking
+from taskcodec import model_registry, tracking
 from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, header_name, load_codec
 from taskcodec.config import EvalConfig, parse_anchors
 from taskcodec.data import build_dataset
@@ -317,24 +317,34 @@ def data_info(source: str, split: str, digest: DataDigest) -> dict[str, Any]:
             "images": digest.count, "data_digest": digest.hexdigest()}
 
 
+def listing_info(dataset: Any, source: str, split: str, data_seed: int = 0) -> dict[str, Any]:
+    """:func:`data_info` of a training or validation set, without reading its images: the
+    digest is of what the set lists (its files' names relative to their folder, else its
+    description) and, for the procedural scenes, their data seed. Evaluate's digest is of the
+    pixels; this one tells a training run's data apart at no cost."""
+    import os
+
+    from taskcodec.data import describe
+
+    names = [str(n) for n in getattr(dataset, "names", None) or []]
+    digest = hashlib.sha256(f"{source}\0{split}".encode())
+    if source == "scenes":
+        digest.update(f"\0data_seed={data_seed}".encode())
+    if names and all(os.sep in n for n in names):  # files (not embedded or scene names)
+        names = [os.path.abspath(n) for n in names]
+        root = os.path.commonpath([os.path.dirname(n) for n in names])
+        names = [os.path.relpath(n, root) for n in names]
+    for name in names or [describe(dataset)]:
+        digest.update(f"\0{name}".encode())
+    return {"data": source, "data_name": data_name(source), "split": split,
+            "images": len(names) or len(dataset), "data_digest": digest.hexdigest()[:16]}
+
+
 def describe_data(info: dict[str, Any]) -> str:
     """The line above the table: what was measured."""
     count = info["images"]
     return (f"{count} image{'' if count == 1 else 's'} of {info['data']} (split {info['split']}, "
             f"digest {info['data_digest']})")
-
-
-def _log_dataset_input(info: dict[str, Any]) -> None:
-    """The data set as the run's MLflow dataset input (shown in the UI's Datasets column)."""
-    import mlflow
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.meta_dataset import MetaDataset
-
-    source = CodeDatasetSource({"data": info["data"], "split": info["split"]})
-    dataset = MetaDataset(source, name=f"{info['data_name']}-{info['split']}",
-                          digest=info["data_digest"])
-    mlflow.log_input(dataset, context="evaluation",
-                     tags={"images": str(info["images"]), "split": info["split"]})
 
 
 def _evaluate_task(config: EvalConfig, codec: LoadedCodec, failures: list[str] | None = None
@@ -498,6 +508,12 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     if failures:
         tags["failed_images"] = str(len(failures))
     evaluated_run = config.checkpoint if len(config.checkpoint) == 32 else ""
+    model = None
+    if model_registry.is_model_uri(config.checkpoint):  # a registered model: its run and model
+        model = model_registry.resolve(config.checkpoint, uri)
+        evaluated_run = model.run_id
+        tags.update({"evaluated_model": f"{model.name}/{model.version}",
+                     "evaluated_model_id": model.model_id})
     if evaluated_run:
         tags["evaluated_run_id"] = evaluated_run
     active = mlflow.active_run()
@@ -505,11 +521,16 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     if started:
         active = tracking.start_run(config.run_name)
     try:
-        already = mlflow.tracking.MlflowClient(uri).get_run(active.info.run_id).data.params
+        client = mlflow.tracking.MlflowClient(uri)
+        already = client.get_run(active.info.run_id).data.params
         mlflow.log_params({k: v for k, v in params.items() if k not in already})
         mlflow.set_tags(tags)
-        _log_dataset_input(data)
-        mlflow.log_metrics({k: v for k, v in summary.items() if v == v})  # NaN is not logged
+        tracking.log_datasets(client, active.info.run_id, [(data, "evaluation")])
+        # With the logged model's id, the results also show on the model's page, per data set.
+        linked = {"model_id": model.model_id, "dataset": tracking.dataset_entity(data)} \
+            if model and model.model_id else {}
+        mlflow.log_metrics({k: v for k, v in summary.items() if v == v},  # NaN is not logged
+                           **linked)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(out_dir) if out_dir else Path(tmp)
             folder.mkdir(parents=True, exist_ok=True)

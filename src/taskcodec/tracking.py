@@ -162,6 +162,30 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
+def dataset_entity(info: Mapping[str, Any]):
+    """The MLflow dataset ``info`` describes (``data``, ``data_name``, ``split``,
+    ``data_digest``: :func:`taskcodec.evaluate.data_info` or ``listing_info``)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.entities import Dataset
+
+    source = CodeDatasetSource({"data": info["data"], "split": info["split"]})
+    return Dataset(name=f"{info['data_name']}-{info['split']}", digest=info["data_digest"],
+                   source_type="code", source=source.to_json())
+
+
+def log_datasets(client, run_id: str, items) -> None:
+    """Log data sets as the run's inputs, shown in the UI's Datasets column. ``items``: pairs
+    (info as for :func:`dataset_entity`, context: training, validation or evaluation)."""
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    client.log_inputs(run_id, datasets=[
+        DatasetInput(dataset_entity(info), [InputTag(MLFLOW_DATASET_CONTEXT, context),
+                                            InputTag("images", str(info["images"])),
+                                            InputTag("split", str(info["split"]))])
+        for info, context in items])
+
+
 def metrics_interval_from_env() -> float:
     """``$TASKCODEC_METRICS_INTERVAL``: least seconds between two metric calls (default 2)."""
     raw = os.environ.get("TASKCODEC_METRICS_INTERVAL", "").strip()
@@ -183,7 +207,7 @@ MAX_BATCH = 1000
 
 @dataclass
 class _Item:
-    kind: str  # "metrics" | "artifact" | "params" | "tags"
+    kind: str  # "metrics" | "artifact" | "params" | "tags" | "inputs"
     payload: Any
     attempts: int = 0
 
@@ -236,6 +260,10 @@ class RunLogger:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._put(_Item("tags", dict(tags)))
 
+    def log_datasets(self, items) -> None:
+        """See :func:`log_datasets` (the info dicts are copied: they may be spooled as JSON)."""
+        self._put(_Item("inputs", [(dict(info), context) for info, context in items]))
+
     def _put(self, item: _Item) -> None:
         self._idle.clear()
         self._queue.put(item)
@@ -283,6 +311,8 @@ class RunLogger:
         elif item.kind == "tags":
             self.client.log_batch(self.run_id,
                                   tags=[RunTag(k, str(v)) for k, v in item.payload.items()])
+        elif item.kind == "inputs":
+            log_datasets(self.client, self.run_id, item.payload)
         else:
             path, artifact_path, remove_after = item.payload
             self.client.log_artifact(self.run_id, str(path), artifact_path)

@@ -31,6 +31,7 @@ if [[ -n $run_id ]]; then cmd+=(--run-id "$run_id"); else
   echo "taskcodec: no MLflow run id for array task $task (submit with slurm-launch): mlflow creates a new run" >&2
 fi
 
+export MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true
 export MLFLOW_EXPERIMENT_NAME=taskcodec
 export MLFLOW_TRACKING_URI=http://mlflow.example.org:5000
 export OMP_NUM_THREADS=4

@@ -33,8 +33,10 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
               help="experiment to read runs from [default: $MLFLOW_EXPERIMENT_NAME or taskcodec]")
 @click.option("--filter", "filter_string", default="", metavar="STR",
               help="MLflow search filter, e.g. \"params.N = '128'\"")
-@click.option("--run-id", "run_ids", multiple=True, metavar="RUN_ID",
-              help="compare exactly these runs (repeatable, or a comma list)")
+@click.option("--run-id", "run_ids", multiple=True, metavar="RUN_ID|MODEL",
+              help="compare exactly these runs (repeatable, or a comma list); a registered "
+                   "model (models:/NAME@ALIAS, models:/NAME/VERSION) stands for its "
+                   "evaluate runs")
 @click.option("--tag", "tags", multiple=True, metavar="NAME=VALUE", callback=_parse_tags,
               help="only runs with this tag value (repeatable), e.g. --tag method=mbt2018")
 @click.option("--group-by", default="method", show_default=True, metavar="KEY[,KEY]",

@@ -76,6 +76,7 @@ def train(config: TrainConfig) -> None:
       taskcodec train --data ~/data/clic.tar --codec mbt2018-mean --N 192 --M 320
       taskcodec train --init-from RUN_ID --lmbda 0.0035     # fine-tune to a new lambda
       taskcodec train --resume RUN_ID                       # continue where it stopped
+      taskcodec train --register-as my-codec@champion       # then models:/my-codec@champion
     """
     _run_training(config)
 
@@ -171,8 +172,9 @@ def _read_image(path: Path):
 
 
 _CKPT = click.option("--checkpoint", "-c", required=True, envvar="TASKCODEC_CHECKPOINT",
-                     metavar="RUN_ID|PATH",
-                     help="MLflow run id or checkpoint file [env: TASKCODEC_CHECKPOINT]")
+                     metavar="RUN_ID|MODEL|PATH",
+                     help="MLflow run id, registered model (models:/NAME/VERSION or "
+                          "models:/NAME@ALIAS) or checkpoint file [env: TASKCODEC_CHECKPOINT]")
 _WHICH = click.option("--which", type=click.Choice(["best", "last"]), default="best",
                       show_default=True, help="which checkpoint of the run")
 _CODEC = click.option("--codec", default="", metavar="NAME",
@@ -295,6 +297,32 @@ def _decompress_one(codec, file: Path, output: Path, layer: str, max_pixels: int
     else:
         write_prediction("segmentation", decoded["logits"], output)
         click.echo(f"{output}: segmentation from both layers", err=True)
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN_ID")
+@click.argument("name", metavar="NAME")
+@click.option("--alias", "aliases", multiple=True, metavar="ALIAS",
+              help="point ALIAS (e.g. champion) at the version (repeatable)")
+def register(run_id: str, name: str, aliases: tuple[str, ...]) -> None:
+    """Register the codec of training run RUN_ID in the MLflow Model Registry as NAME.
+
+    The run's MLflow model (its best checkpoint, or its last if it never validated, without
+    the training state; logged now if the run has none) becomes a version of NAME; if a
+    version already holds it, that one is kept and only the aliases move. Prints
+    models:/NAME/VERSION, usable wherever a run id is.
+
+    \b
+    Examples:
+      taskcodec register RUN_ID kodak-hyperprior --alias champion
+      taskcodec evaluate --checkpoint models:/kodak-hyperprior@champion
+      taskcodec compress photo.png -o photo.tcd -c models:/kodak-hyperprior/1
+    """
+    from taskcodec import model_registry, tracking
+
+    uri = tracking.tracking_uri()
+    tracking.check_reachable(uri)
+    click.echo(str(model_registry.publish(run_id, name, aliases, uri=uri)))
 
 
 @cli.command("run-plan")

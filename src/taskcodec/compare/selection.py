@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from taskcodec import model_registry
 from taskcodec.errors import ConfigError
 
 # Older MLflow servers refuse tag values over 5000 characters (8000 since 2.x): stay below both.
@@ -55,6 +56,10 @@ def select_runs(client, *, experiment_ids: Sequence[str] = (), filter_string: st
     if run_ids:
         runs = []
         for run_id in run_ids:
+            if model_registry.is_model_uri(run_id):  # a registered model: its evaluate runs
+                runs += [r for r in model_registry.evaluated_by(run_id, client)
+                         if all(r.data.tags.get(k) == v for k, v in tags.items())]
+                continue
             try:
                 run = client.get_run(run_id)
             except Exception as err:
@@ -62,6 +67,7 @@ def select_runs(client, *, experiment_ids: Sequence[str] = (), filter_string: st
                                   f"{str(err).splitlines()[0][:200]}") from None
             if all(run.data.tags.get(k) == v for k, v in tags.items()):
                 runs.append(run)
+        runs = list({r.info.run_id: r for r in runs}.values())  # a run named twice counts once
     else:
         base = _join(filter_string, tag_filter(tags))
         runs = []

@@ -176,6 +176,18 @@ class JobSpec:
     def world_size(self) -> int:
         return self.nodes * max(self.gpus, 1)
 
+    def job_env(self, also_given: Sequence[str] = ()) -> dict[str, str]:
+        """The literal variables of the job: ``env`` over :data:`JOB_ENV_DEFAULTS`, whose
+        names the user gave no other way (``pass_env``, or a launcher's ``also_given``)."""
+        given = {*self.env, *self.pass_env, *also_given}
+        return {**{k: v for k, v in JOB_ENV_DEFAULTS.items() if k not in given}, **self.env}
+
+
+#: What every launched job has unless the user sets it: MLflow's system metrics (CPU, memory,
+#: GPU as system/* metrics of the run), worth their 10-s sampling on a cluster node; a job
+#: turns them off with --env MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false.
+JOB_ENV_DEFAULTS = {"MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "true"}
+
 
 def mlflow_command(entry_point: str, params: Mapping[str, str], project_dir: str = ".",
                    experiment: str = "", run_id: str = "") -> list[str]:

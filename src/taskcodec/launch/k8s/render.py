@@ -307,8 +307,9 @@ def _env(spec: JobSpec, opts: K8sOptions, image: str) -> list[dict[str, Any]]:
         # One thread per requested CPU and process, not one per core of the node.
         threads = max(1, spec.cpus // max(spec.gpus, 1))
         env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
-    for name in sorted(spec.env):
-        env.append({"name": name, "value": spec.env[name]})
+    literal = spec.job_env(also_given=opts.secret_env)
+    for name in sorted(literal):
+        env.append({"name": name, "value": literal[name]})
     for name in sorted(opts.secret_env):
         secret, _, key = opts.secret_env[name].partition(":")
         env.append({"name": name,

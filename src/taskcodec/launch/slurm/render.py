@@ -287,7 +287,7 @@ def _environment_lines(spec: JobSpec) -> list[str]:
         exports["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     # One thread per CPU Slurm gave each process, not one per core of the node.
     exports["OMP_NUM_THREADS"] = str(max(1, spec.cpus // max(spec.gpus, 1)))
-    exports.update(spec.env)
+    exports.update(spec.job_env())
     lines += [f"export {name}={shlex.quote(exports[name])}" for name in sorted(exports)]
     lines += [
         'if [[ -n ${TASKCODEC_CREDENTIALS_FILE:-} ]]; then  # KEY=VALUE lines, mode 0600',
@@ -312,7 +312,7 @@ def _launcher_lines(spec: JobSpec, options: SlurmOptions, binds: list[str]) -> l
             lines += [f"dist=(torchrun --standalone --nnodes=1 --nproc-per-node={per_node})"]
         lines += [f'cmd=("${{dist[@]}}" --no-python sh -c {shlex.quote(_IGNORE)} sh "${{cmd[@]}}")']
     if spec.image:
-        names = sorted(set(PASS_ENV) | set(spec.pass_env) | set(spec.env))
+        names = sorted(set(PASS_ENV) | set(spec.pass_env) | set(spec.job_env()))
         lines += [f"pass_env=({_q(names)})"]
         runtime = options.container_runtime(spec.image)
         if runtime == "apptainer":
