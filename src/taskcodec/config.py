@@ -140,6 +140,11 @@ CODEC_NAMES = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean")
 #: How much the codecs downsample in all (the hyperprior's 64): inputs are padded to, and
 #: training crops are, a multiple of this.
 PAD_MULTIPLE = 64
+#: Variable-rate codecs (one model, several rate points; see taskcodec.codecs.single) and
+#: their number of rate points (CompressAI's vbr models have 8 quantisation gains).
+VBR_CODEC_NAMES = ("bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr")
+VBR_LEVELS = 8
+CODEC_NAMES += VBR_CODEC_NAMES
 
 # Metrics where a smaller value is the better one, named with or without "val_": rates, losses,
 # depth errors, distances, perceptual losses. Everything else (PSNR, mAP, mIoU, ...) is higher.
@@ -263,6 +268,11 @@ class TrainConfig(LoopConfig):
                         "bitstreams and log test_bpp, test_psnr, test_bpp_gap (0: off)", min=0)
     rd_images: int = opt(2, "images of the real-bitstream RD check (the first of the "
                          "validation set)", min=1, max=1000)
+    vbr_lambdas: str = opt("", f"variable-rate codecs ({', '.join(VBR_CODEC_NAMES)}): λ of "
+                           f"each of the {VBR_LEVELS} rate points, comma-separated, lowest "
+                           "rate first; each training batch samples a rate point and weighs its "
+                           "distortion by its λ (lmbda is unused; empty: CompressAI's 0.0018, "
+                           "0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932, 0.18)")
     recipe: str = opt("", "named preset of settings beneath the explicit ones: short-cpu "
                       "(a good codec in minutes on a CPU: lr 5e-4 with warm-up and cosine "
                       "decay, 128-px crops, batch 8, epochs of 2000 crops, rd_every 1)",
@@ -274,6 +284,38 @@ class TrainConfig(LoopConfig):
         if self.codec != "bmshj2018-factorized" and self.patch_size % PAD_MULTIPLE:
             raise ConfigError(f"patch_size={self.patch_size} must be a multiple of {PAD_MULTIPLE} "
                               f"for codec={self.codec} (its hyperprior downsamples by {PAD_MULTIPLE})")
+        if self.vbr_lambdas:
+            if self.codec not in VBR_CODEC_NAMES:
+                raise ConfigError(f"vbr_lambdas is for the variable-rate codecs "
+                                  f"({', '.join(VBR_CODEC_NAMES)}), not codec={self.codec}")
+            parse_vbr_lambdas(self.vbr_lambdas)
+
+
+def parse_vbr_lambdas(text: str) -> list[float]:
+    """``vbr_lambdas``: VBR_LEVELS positive numbers, increasing (rate point 0 is the lowest)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"vbr_lambdas={text!r} is not a comma-separated list of numbers") from None
+    if len(values) != VBR_LEVELS or not all(math.isfinite(v) and v > 0 for v in values) \
+            or any(b <= a for a, b in zip(values, values[1:])):
+        raise ConfigError(f"vbr_lambdas={text!r} must be {VBR_LEVELS} increasing numbers > 0, "
+                          "one per rate point")
+    return values
+
+
+def parse_rates(text: str) -> list[int] | None:
+    """``evaluate --rate``: None for all rate points, else the listed indices (>= 0)."""
+    if text.strip().lower() in ("", "all"):
+        return None
+    try:
+        rates = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"rate={text!r} is not 'all' or comma-separated rate points "
+                          "(0, 1, ...)") from None
+    if any(r < 0 for r in rates) or len(set(rates)) != len(rates):
+        raise ConfigError(f"rate={text!r} must list distinct rate points >= 0")
+    return rates
 
 
 TASK_MONITORS = ("auto", "val_loss", "val_bpp", "val_task_loss", "val_map", "val_map50", "val_miou",
@@ -471,6 +513,9 @@ class EvalConfig(Config):
     max_side: int = opt(512, "downscale embedded images so the longer side is at most this",
                         min=64, max=8192)
     jpeg: bool = opt(True, "also measure JPEG (Pillow) at the nearest bpp as a reference")
+    rate: str = opt("all", "variable-rate codecs: the rate points to evaluate, comma-separated "
+                    f"(0 = lowest .. {VBR_LEVELS - 1}) or all; each is one evaluate run, and "
+                    "compare draws them as one RD curve")
     device: str = opt("cpu", "cpu or cuda (entropy coding runs on the CPU)",
                       choices=("cpu", "cuda"))
     run_name: str = opt("", "MLflow run name (default: generated)")
@@ -478,3 +523,4 @@ class EvalConfig(Config):
     def check(self) -> None:
         if not self.checkpoint:
             raise ConfigError("checkpoint is required: an MLflow run id or a checkpoint path")
+        parse_rates(self.rate)
