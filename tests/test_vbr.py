@@ -22,6 +22,9 @@ from taskcodec.errors import BitstreamError, ConfigError
 CODEC = "bmshj2018-hyperprior-vbr"
 # Trained λ of the fixture's run: not the default list, so the test sees it travel.
 LAMBDAS = (0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128)
+# Enough for bpp to grow with the rate point by a wide margin; quality (PSNR) is not yet
+# ordered by rate after so few steps (it is not at 40 either), so it is not asserted.
+STEPS = 16
 
 
 def image(height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -34,8 +37,8 @@ def image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, module_env) -> tuple[Path, dict]:
-    """``best.pt`` and run id of a few dozen steps of a tiny variable-rate codec, every step
-    logged (the sampled rate point and its λ)."""
+    """``best.pt`` of STEPS steps of a tiny variable-rate codec, and what its run logged: every
+    step's sampled rate point and λ, and its tags."""
     from taskcodec.engine import train
 
     folder = tmp_path_factory.mktemp("vbr-run")
@@ -45,15 +48,17 @@ def trained(tmp_path_factory, module_env) -> tuple[Path, dict]:
         with module_env(f"sqlite:///{folder / 'mlflow.db'}", folder, "test-vbr"):
             run_id = train(TrainConfig.from_dict({
                 "codec": CODEC, "N": 16, "M": 16, "patch_size": 64, "batch_size": 4,
-                "epochs": 1, "epoch_length": 160, "max_val_images": 1, "max_side": 128,
+                "epochs": 1, "epoch_length": 4 * STEPS, "max_val_images": 1, "max_side": 128,
                 "lr": 2e-3, "lr_scheduler": "none", "log_every": 1,
                 "vbr_lambdas": ",".join(map(str, LAMBDAS)),
                 "checkpoint_dir": str(folder / "ckpt")}))
             import mlflow
 
-            history = {key: [m.value for m in mlflow.tracking.MlflowClient().get_metric_history(
-                run_id, key)] for key in ("vbr_rate", "vbr_lmbda")}
-            tags = mlflow.tracking.MlflowClient().get_run(run_id).data.tags
+            client = mlflow.tracking.MlflowClient()
+            history = {key: [m.value for m in sorted(client.get_metric_history(run_id, key),
+                                                     key=lambda m: m.step)]
+                       for key in ("vbr_rate", "vbr_lmbda")}
+            tags = client.get_run(run_id).data.tags
     finally:
         torch.set_num_threads(threads)
     return folder / "ckpt" / "best.pt", {"history": history, "tags": tags}
@@ -103,7 +108,7 @@ def test_bad_evaluate_rates_are_one_config_error(rate, message):
 def test_training_samples_rate_points_and_weighs_each_by_its_lambda(trained):
     history = trained[1]["history"]
     rates = [int(r) for r in history["vbr_rate"]]
-    assert len(rates) == 40 and set(rates) <= set(range(VBR_LEVELS))
+    assert len(rates) == STEPS and set(rates) <= set(range(VBR_LEVELS))
     assert len(set(rates)) >= 4  # sampled, not one fixed point
     assert history["vbr_lmbda"] == pytest.approx([LAMBDAS[r] for r in rates])
     assert trained[1]["tags"]["vbr_lambdas"] == ",".join(f"{v:g}" for v in LAMBDAS)
@@ -118,7 +123,7 @@ def test_one_checkpoint_gives_a_monotone_rd_curve_that_compare_draws_as_one_curv
     from taskcodec.evaluate import evaluate
 
     result = evaluate(EvalConfig.from_dict({
-        "checkpoint": str(trained[0]), "max_images": 2, "max_side": 128, "jpeg": False}))
+        "checkpoint": str(trained[0]), "max_images": 1, "max_side": 128, "jpeg": False}))
     points = result["rates"]
     assert [p["rate"] for p in points] == list(range(VBR_LEVELS))
     assert len({p["run_id"] for p in points}) == VBR_LEVELS  # one evaluate run per rate
@@ -126,23 +131,49 @@ def test_one_checkpoint_gives_a_monotone_rd_curve_that_compare_draws_as_one_curv
     estimated = [p["summary"]["bpp_estimated"] for p in points]
     assert all(a <= b for a, b in zip(bpp, bpp[1:])) and bpp[-1] > 2 * bpp[0], bpp
     assert all(a <= b for a, b in zip(estimated, estimated[1:])), estimated
-    # The real bytes are what the likelihoods promise plus the header and the coder's words.
+    # Real bytes agree with what the likelihoods promise: they differ by the header (about
+    # 0.06 bpp here) and, either way, by the coder's scale table and its bypass-coded tails,
+    # which a model trained for 16 steps still visits (some 15 % at the highest rate).
     for real, promised in zip(bpp, estimated):
-        assert promised < real < promised + 0.6, (real, promised)
+        assert abs(real - promised) < 0.1 + 0.25 * promised, (bpp, estimated)
 
     comparison = compare(CompareOptions(output_dir=tmp_path / "cmp"))
-    (curve,) = [c for c in comparison.curves if c.source == "runs"]
+    (curve,) = comparison.curves
     assert curve.name == CODEC and len(curve.points) == VBR_LEVELS
     by_lambda = sorted(curve.points, key=lambda p: p.lagrange)
     assert [p.lagrange for p in by_lambda] == pytest.approx(list(LAMBDAS))
     assert [p.bpp for p in by_lambda] == pytest.approx(bpp)
 
+    # Under a run of the caller's (or of `mlflow run`), the rate points are its child runs.
+    import mlflow
 
-def test_evaluate_refuses_a_rate_outside_the_codecs_range(trained):
-    from taskcodec.evaluate import evaluate
+    from taskcodec import tracking
 
+    with tracking.start_run("parent") as parent:
+        nested = evaluate(EvalConfig.from_dict({
+            "checkpoint": str(trained[0]), "rate": "0,7", "max_images": 1, "max_side": 64,
+            "jpeg": False}))
+        assert mlflow.active_run().info.run_id == parent.info.run_id  # still the caller's
+    client = mlflow.tracking.MlflowClient()
+    children = [client.get_run(p["run_id"]) for p in nested["rates"]]
+    assert [c.data.tags.get("mlflow.parentRunId") for c in children] == [parent.info.run_id] * 2
+    assert [c.data.params["rate"] for c in children] == ["0", "7"]
+    assert [float(c.data.params["lmbda"]) for c in children] == [LAMBDAS[0], LAMBDAS[7]]
+
+
+def test_evaluate_takes_the_asked_rate_points_and_refuses_one_outside_the_range(trained, codec):
+    from taskcodec.evaluate import rate_points
+
+    def ask(rate: str) -> list:
+        return rate_points(EvalConfig.from_dict({"checkpoint": str(trained[0]), "rate": rate}),
+                           codec)
+
+    assert ask("all") == list(range(VBR_LEVELS)) and ask("5,1") == [5, 1]
     with pytest.raises(ConfigError, match=f"rate 8 is outside {CODEC}'s range 0..7"):
-        evaluate(EvalConfig.from_dict({"checkpoint": str(trained[0]), "rate": "2,8"}))
+        ask("2,8")
+    with pytest.raises(ConfigError, match="rate 3 given, but bmshj2018-hyperprior has a fixed"):
+        rate_points(EvalConfig.from_dict({"checkpoint": "x", "rate": "3"}),
+                    _untrained("bmshj2018-hyperprior"))
 
 
 # --- files carry their rate point ---------------------------------------------------------------
@@ -245,5 +276,5 @@ def test_cli_compress_rate_and_decompress_reading_it(trained, codec, tmp_path):
     bad = CliRunner().invoke(cli, ["compress", str(png), "-o", str(tmp_path / "b.tcd"), "-c", ckpt,
                                    "--rate", "9"])
     assert bad.exit_code == 2
-    assert bad.stderr.strip() == f"Error: rate 9 is outside {CODEC}'s range 0..7"
+    assert bad.stderr.strip().splitlines()[-1] == f"Error: rate 9 is outside {CODEC}'s range 0..7"
     assert not (tmp_path / "b.tcd").exists()

@@ -17,8 +17,7 @@ from compressai.models.vbr import MeanScaleHyperpriorVbr, ScaleHyperpriorVbr
 from torch import nn
 
 from taskcodec.codecs.registry import CODECS
-from taskcodec.config import PAD_MULTIPLE  # noqa: F401  (how much each codec downsamples)
-from taskcodec.config import VBR_CODEC_NAMES
+from taskcodec.config import PAD_MULTIPLE, VBR_CODEC_NAMES  # noqa: F401  (PAD_MULTIPLE: how much each codec downsamples)
 from taskcodec.errors import ConfigError
 
 
