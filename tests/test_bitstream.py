@@ -155,7 +155,7 @@ def test_truncation_at_every_length_is_detected(two_layers):
         (b"\x89PNG\r\n\x1a\n", r"not a taskcodec bitstream \(magic b'\\x89PNG', expected b'TCDC'\)"),
         (b"TC", "truncated bitstream: magic needs 4 bytes, only 2 available"),
         (b"TCDC", "format version needs 1 bytes at offset 4, only 0 available"),
-        (b"TCDC\x03" + bytes(20), r"unsupported taskcodec bitstream version 3 \(this reader supports versions 1, 2;"),
+        (b"TCDC\x04" + bytes(20), r"unsupported taskcodec bitstream version 4 \(this reader supports versions 1, 2, 3"),
         (b"TCDC\x01\x32" + bytes(10), "truncated bitstream: header needs 50 bytes at offset 6, only 10 available"),
         (b"TCDC\x01" + b"\xff" * 11, "header length at offset 15 is a varint longer than 10 bytes"),
         (_file(_body([]))[:-1] + b"\x00", "header CRC mismatch"),

@@ -14,7 +14,8 @@ from taskcodec.errors import BitstreamError, CheckpointError, ConfigError
 from taskcodec.registry import Registry
 
 N, M = 8, 12
-HYPERPRIORS = {"bmshj2018-hyperprior", "mbt2018-mean"}
+HYPERPRIORS = {"bmshj2018-hyperprior", "mbt2018-mean", "bmshj2018-hyperprior-vbr",
+               "mbt2018-mean-vbr"}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,8 @@ def image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_registry_holds_the_compressai_codecs_and_the_config_offers_exactly_those():
-    assert tuple(CODECS) == ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean")
+    assert tuple(CODECS) == ("bmshj2018-factorized", "bmshj2018-hyperprior",
+                             "bmshj2018-hyperprior-vbr", "mbt2018-mean", "mbt2018-mean-vbr")
     assert set(CODEC_NAMES) == set(CODECS)
     codec_field = next(f for f in TrainConfig.fields() if f.name == "codec")
     assert set(codec_field.metadata["choices"]) == set(CODECS)
@@ -71,7 +73,8 @@ def test_unknown_codec_names_the_known_ones():
     with pytest.raises(ConfigError) as err:
         build_codec("bmshj2018", N=N, M=M)
     assert str(err.value) == ("unknown codec 'bmshj2018' (known: bmshj2018-factorized, "
-                              "bmshj2018-hyperprior, mbt2018-mean)")
+                              "bmshj2018-hyperprior, bmshj2018-hyperprior-vbr, mbt2018-mean, "
+                              "mbt2018-mean-vbr)")
 
 
 @pytest.mark.parametrize(("n", "m", "bad"), [(0, 8, 'N "0"'), (8, -1, 'M "-1"'), (8.0, 8, 'N "8.0"')])
@@ -123,7 +126,8 @@ def test_compress_decompress_round_trip_keeps_the_image_size(loaded, name, heigh
 
     padded, pads = pad_to_multiple(x, 64)
     with torch.no_grad():
-        expected = crop_padding(codec.model(padded)["x_hat"], pads).clamp(0, 1)
+        rate = codec.rate_kwargs(codec.default_rate)  # a variable-rate codec's default rate
+        expected = crop_padding(codec.model(padded, **rate)["x_hat"], pads).clamp(0, 1)
     assert torch.allclose(x_hat, expected, atol=1e-4)
 
 

@@ -57,7 +57,8 @@ def test_unknown_keys_are_named_with_the_known_ones():
      "patch_size=96 must be a multiple of 64 for codec=mbt2018-mean (its hyperprior "
      "downsamples by 64)"),
     ({"codec": "jpeg"}, "codec='jpeg' is not one of: bmshj2018-factorized, "
-                        "bmshj2018-hyperprior, mbt2018-mean"),
+                        "bmshj2018-hyperprior, mbt2018-mean, bmshj2018-hyperprior-vbr, "
+                        "mbt2018-mean-vbr"),
     ({"metric": "ssim"}, "metric='ssim' is not one of: mse, ms-ssim"),
     ({"monitor": "val_mAP"}, "monitor='val_mAP' is not one of: val_loss, val_bpp, val_psnr, "
                              "val_ms_ssim"),

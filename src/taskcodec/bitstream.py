@@ -11,12 +11,14 @@ little-endian; ``str`` = varint byte length + UTF-8)::
 
     offset  size    field
     0       4       magic b"TCDC"
-    4       1       format version (2; version 1 is still read)
+    4       1       format version (2, or 3 for a variable-rate codec's file; 1 is still read)
     5       varint  B = length of the header body that follows
             B       header body:
                       str     codec registry name, e.g. "bmshj2018-factorized"
                       8       checkpoint id (the 16 hex chars of checkpoint_fingerprint, raw)
                       varint  height, varint width (image size before padding)
+                      varint  version 3 only: rate point + 1 (0: none), for the variable-rate
+                              codecs, whose decoder must use the encoder's rate
                       varint  L = number of layers, then L times:
                         str     layer name
                         varint  D = number of latent shape dims, then D varints
@@ -59,7 +61,8 @@ if TYPE_CHECKING:  # torch is only needed by checkpoint_fingerprint; keep CLI st
 
 MAGIC = b"TCDC"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+RATE_VERSION = 3  # written only for files with a rate: the others stay readable by older readers
+READABLE_VERSIONS = (1, 2, 3)
 _MAX_DIGEST_BYTES = 64
 
 _CHECKPOINT_ID = re.compile(r"[0-9a-f]{16}")
@@ -119,6 +122,7 @@ class Header:
     checkpoint_id: str  # 16 hex chars, see checkpoint_fingerprint
     height: int  # original image size (before padding)
     width: int
+    rate: int | None = None  # rate point of a variable-rate codec (format version 3)
 
     def __post_init__(self) -> None:
         if not isinstance(self.codec, str) or not self.codec:
@@ -131,6 +135,9 @@ class Header:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if self.rate is not None and (isinstance(self.rate, bool) or not isinstance(self.rate, int)
+                                      or self.rate < 0):
+            raise ValueError(f"rate must be a non-negative int or None, got {self.rate!r}")
 
 
 def _dim(d: Any, layer: str) -> int:
@@ -172,6 +179,10 @@ def _encode_header(header: Header, layers: Sequence[Layer], version: int = FORMA
         raise ValueError(f"version must be one of {READABLE_VERSIONS}, got {version!r}")
     if not isinstance(header, Header):
         raise ValueError(f"header must be a Header, got {type(header).__name__}")
+    if header.rate is not None and version == FORMAT_VERSION:
+        version = RATE_VERSION
+    if header.rate is not None and version < RATE_VERSION:
+        raise ValueError(f"format version {version} cannot store a rate")
     layers = list(layers)
     if not layers:
         raise ValueError("a bitstream needs at least one layer, got none")
@@ -186,6 +197,8 @@ def _encode_header(header: Header, layers: Sequence[Layer], version: int = FORMA
     body += _str(header.codec)
     body += bytes.fromhex(header.checkpoint_id)
     body += _varint(header.height) + _varint(header.width)
+    if version >= RATE_VERSION:
+        body += _varint(0 if header.rate is None else header.rate + 1)
     body += _varint(len(layers))
     for layer in layers:
         body += _str(layer.name)
@@ -204,6 +217,7 @@ def pack(header: Header, layers: Sequence[Layer], *, version: int = FORMAT_VERSI
     """The file bytes for ``header`` and ``layers`` (stored in the order given: base first).
 
     ``version=1`` writes the previous format (no symbol digests), for compatibility tests.
+    A header with a rate is written as version 3.
     """
     head = _encode_header(header, layers, version)
     return head + b"".join(s for layer in layers for s in layer.strings)
@@ -339,6 +353,7 @@ def _parse_header(data: bytes) -> tuple[Header, list[_Entry], int]:
     codec = b.text("codec name")
     checkpoint_id = b.take(8, "checkpoint id").hex()
     height, width = b.varint("height"), b.varint("width")
+    rate = b.varint("rate") - 1 if version >= RATE_VERSION else -1
     entries = []
     for i in range(b.count("number of layers")):
         name = b.text(f"name of layer {i}")
@@ -361,7 +376,7 @@ def _parse_header(data: bytes) -> tuple[Header, list[_Entry], int]:
     if not entries or len(set(names)) != len(names):
         raise BitstreamError(f"corrupt header: needs one or more uniquely named layers, got {names}")
     try:
-        header = Header(codec, checkpoint_id, height, width)
+        header = Header(codec, checkpoint_id, height, width, None if rate < 0 else rate)
     except ValueError as e:
         raise BitstreamError(f"corrupt header: {e}") from None
     return header, entries, r.pos

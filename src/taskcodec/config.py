@@ -156,6 +156,11 @@ def parse_anchors(text: str, where: str) -> tuple[str, ...]:
 #: How much the codecs downsample in all (the hyperprior's 64): inputs are padded to, and
 #: training crops are, a multiple of this.
 PAD_MULTIPLE = 64
+#: Variable-rate codecs (one model, several rate points; see taskcodec.codecs.single) and
+#: their number of rate points (CompressAI's vbr models have 8 quantisation gains).
+VBR_CODEC_NAMES = ("bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr")
+VBR_LEVELS = 8
+CODEC_NAMES += VBR_CODEC_NAMES
 
 # Metrics where a smaller value is the better one, named with or without "val_": rates, losses,
 # depth errors, distances, perceptual losses. Everything else (PSNR, mAP, mIoU, ...) is higher.
@@ -291,6 +296,11 @@ class TrainConfig(LoopConfig):
                         "bitstreams and log test_bpp, test_psnr, test_bpp_gap (0: off)", min=0)
     rd_images: int = opt(2, "images of the real-bitstream RD check (the first of the "
                          "validation set)", min=1, max=1000)
+    vbr_lambdas: str = opt("", f"variable-rate codecs ({', '.join(VBR_CODEC_NAMES)}): λ of "
+                           f"each of the {VBR_LEVELS} rate points, comma-separated, lowest "
+                           "rate first; each training batch samples a rate point and weighs its "
+                           "distortion by its λ (lmbda is unused; empty: CompressAI's 0.0018, "
+                           "0.0035, 0.0067, 0.013, 0.025, 0.0483, 0.0932, 0.18)")
     recipe: str = opt("", "named preset of settings beneath the ones you give: short-cpu "
                       "(make demo's; a good codec in minutes on a CPU) sets "
                       + ", ".join(f"{k}={v}" for k, v in SHORT_CPU.items())
@@ -305,6 +315,38 @@ class TrainConfig(LoopConfig):
         if self.codec != "bmshj2018-factorized" and self.patch_size % PAD_MULTIPLE:
             raise ConfigError(f"patch_size={self.patch_size} must be a multiple of {PAD_MULTIPLE} "
                               f"for codec={self.codec} (its hyperprior downsamples by {PAD_MULTIPLE})")
+        if self.vbr_lambdas:
+            if self.codec not in VBR_CODEC_NAMES:
+                raise ConfigError(f"vbr_lambdas is for the variable-rate codecs "
+                                  f"({', '.join(VBR_CODEC_NAMES)}), not codec={self.codec}")
+            parse_vbr_lambdas(self.vbr_lambdas)
+
+
+def parse_vbr_lambdas(text: str) -> list[float]:
+    """``vbr_lambdas``: VBR_LEVELS positive numbers, increasing (rate point 0 is the lowest)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"vbr_lambdas={text!r} is not a comma-separated list of numbers") from None
+    if len(values) != VBR_LEVELS or not all(math.isfinite(v) and v > 0 for v in values) \
+            or any(b <= a for a, b in zip(values, values[1:])):
+        raise ConfigError(f"vbr_lambdas={text!r} must be {VBR_LEVELS} increasing numbers > 0, "
+                          "one per rate point")
+    return values
+
+
+def parse_rates(text: str) -> list[int] | None:
+    """``evaluate --rate``: None for all rate points, else the listed indices (>= 0)."""
+    if text.strip().lower() in ("", "all"):
+        return None
+    try:
+        rates = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"rate={text!r} is not 'all' or comma-separated rate points "
+                          "(0, 1, ...)") from None
+    if any(r < 0 for r in rates) or len(set(rates)) != len(rates):
+        raise ConfigError(f"rate={text!r} must list distinct rate points >= 0")
+    return rates
 
 
 TASK_MONITORS = ("auto", "val_loss", "val_bpp", "val_task_loss", "val_map", "val_map50", "val_miou",
@@ -508,6 +550,9 @@ class EvalConfig(Config):
     anchors: str = opt(",".join(ANCHORS), "classical codecs (Pillow) measured as references, "
                        "each per image at the quality whose bpp is nearest the codec's: a comma "
                        "list of " + ", ".join(ANCHORS) + ", or none")
+    rate: str = opt("all", "variable-rate codecs: the rate points to evaluate, comma-separated "
+                    f"(0 = lowest .. {VBR_LEVELS - 1}) or all; each is one evaluate run, and "
+                    "compare draws them as one RD curve")
     device: str = opt("cpu", "cpu or cuda (entropy coding runs on the CPU)",
                       choices=("cpu", "cuda"))
     run_name: str = opt("", "MLflow run name (default: generated)")
@@ -516,3 +561,4 @@ class EvalConfig(Config):
         if not self.checkpoint:
             raise ConfigError("checkpoint is required: an MLflow run id or a checkpoint path")
         self.anchors = ",".join(parse_anchors(self.anchors, f"anchors={self.anchors!r}"))
+        parse_rates(self.rate)

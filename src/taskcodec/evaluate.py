@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from taskcodec import model_registry, tracking
 from taskcodec.codecs.loading import PAD_MULTIPLE, LoadedCodec, header_name, load_codec
-from taskcodec.config import EvalConfig, parse_anchors
+from taskcodec.config import EvalConfig, parse_anchors, parse_rates
 from taskcodec.data import build_dataset
 from taskcodec.data.base import check_plain_split
 from taskcodec.data.transforms import pad_to_multiple
@@ -48,20 +49,22 @@ class ImageResult:
     decode_time: float
 
 
-def evaluate_image(codec: LoadedCodec, x: torch.Tensor, index: int = 0
+def evaluate_image(codec: LoadedCodec, x: torch.Tensor, index: int = 0, rate: int | None = None
                    ) -> tuple[ImageResult, torch.Tensor]:
-    """Compress one image (3xHxW) to real bytes, decode it, and measure."""
+    """Compress one image (3xHxW) to real bytes, decode it, and measure (``rate``: the rate
+    point of a variable-rate codec, its default when None)."""
     x = x.unsqueeze(0)
     height, width = x.shape[-2:]
+    rate = codec.default_rate if rate is None else rate
     start = time.perf_counter()
-    data = codec.compress(x)
+    data = codec.compress(x, rate)
     encode_time = time.perf_counter() - start
     start = time.perf_counter()
     x_hat = codec.decompress(data)["x_hat"]
     decode_time = time.perf_counter() - start
     with torch.no_grad():
         padded, _ = pad_to_multiple(x, PAD_MULTIPLE)
-        likelihoods = codec.model(padded)["likelihoods"]
+        likelihoods = codec.model(padded, **codec.rate_kwargs(rate))["likelihoods"]
     result = ImageResult(
         index=index, height=int(height), width=int(width), num_bytes=len(data),
         bpp=bpp_from_bytes(len(data), int(height), int(width)),
@@ -401,8 +404,8 @@ def _evaluate_task(config: EvalConfig, codec: LoadedCodec, failures: list[str] |
                            "data": data_info(_data_source(config, codec), split, digest)}
 
 
-def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str] | None = None
-                     ) -> tuple[dict, list[ImageResult], list, list, dict]:
+def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str] | None = None,
+                     rate: int | None = None) -> tuple[dict, list[ImageResult], list, list, dict]:
     from tqdm import tqdm
 
     from taskcodec.engine import progress_enabled
@@ -420,7 +423,7 @@ def _evaluate_images(config: EvalConfig, codec: LoadedCodec, failures: list[str]
     for i in tqdm(range(count), desc="evaluate", unit="image", disable=not progress_enabled()):
         def work(i=i):
             x = dataset[i]
-            return (x, *evaluate_image(codec, x, i))
+            return (x, *evaluate_image(codec, x, i, rate))
         done = _survive(i, failures, work)
         if done is None:
             continue
@@ -450,9 +453,8 @@ def _write_rows(rows: list[dict], path: Path) -> Path:
 
 
 def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
-    """Evaluate a checkpoint (run id or path) and log the results as a new MLflow run."""
-    import tempfile
-
+    """Evaluate a checkpoint (run id or path) and log the results as a new MLflow run (a
+    variable-rate codec: one run per rate point, listed under ``rates``)."""
     import mlflow
 
     uri = tracking.tracking_uri()
@@ -461,6 +463,46 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     if mlflow.active_run() is None:
         tracking.check_run_destination(uri)  # before the work, not when logging its results
     codec = load_codec(config.checkpoint, config.which, config.codec)
+    rates = rate_points(config, codec)
+    if len(rates) == 1:
+        return _evaluate_at(config, codec, uri, out_dir, rates[0])
+    # One evaluate run per rate point: compare draws them as one curve (the method tag), told
+    # apart by their λ. Under a run of the caller's (or of `mlflow run`) they are its children.
+    own_parent = mlflow.active_run() is None and bool(os.environ.get("MLFLOW_RUN_ID", "").strip())
+    if own_parent:
+        tracking.start_run(config.run_name)
+    nested = mlflow.active_run() is not None
+    try:
+        results = [_evaluate_at(config, codec, uri, out_dir and Path(out_dir) / f"rate{rate}",
+                                rate, nested) for rate in rates]
+    finally:
+        if own_parent:
+            mlflow.end_run()
+    return {**results[-1], "rates": results,
+            "failures": [f for r in results for f in r["failures"]]}
+
+
+def rate_points(config: EvalConfig, codec: LoadedCodec) -> list[int | None]:
+    """The rate points ``config.rate`` asks of ``codec``: [None] for a fixed-rate codec; a
+    one-line :class:`ConfigError` naming a rate outside the codec's range."""
+    from taskcodec.codecs.single import rate_levels
+
+    chosen = parse_rates(config.rate)
+    if chosen is None:
+        levels = rate_levels(codec.model)
+        return list(range(levels)) if levels else [None]
+    for rate in chosen:
+        codec.rate_kwargs(rate)
+    return list(chosen)
+
+
+def _evaluate_at(config: EvalConfig, codec: LoadedCodec, uri: str, out_dir: Path | None = None,
+                 rate: int | None = None, nested: bool = False) -> dict[str, Any]:
+    """Evaluate ``codec`` (at rate point ``rate``) and log the results as one MLflow run."""
+    import tempfile
+
+    import mlflow
+
     stored = codec.config
     # Replicates are grouped by seed and paired on the data: both are logged.
     seeds = {"seed": int(stored.get("seed", 0)), "data_seed": data_seed_of(config, codec)}
@@ -471,7 +513,8 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
             "checkpoint_fingerprint": codec.fingerprint, **tracking.environment_tags()}
     failures: list[str] = []
     if codec.kind == "codec":
-        summary, results, originals, recons, data = _evaluate_images(config, codec, failures)
+        summary, results, originals, recons, data = _evaluate_images(config, codec, failures,
+                                                                     rate)
         anchors = parse_anchors(config.anchors, "anchors") if config.jpeg else ()
         anchor_metrics, anchor_params = anchor_reference(originals, [r.bpp for r in results],
                                                          anchors)
@@ -481,6 +524,12 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         params.update({"lmbda": stored.get("lmbda"), "N": stored.get("N"), "M": stored.get("M"),
                        "metric": stored.get("metric")})
         tags["method"] = codec.name
+        if rate is not None:  # the rate point's λ labels the point on the curve
+            from taskcodec.codecs.single import vbr_lambdas
+
+            lambdas = vbr_lambdas(codec.name, str(stored.get("vbr_lambdas") or ""))
+            params.update({"rate": rate, "lmbda": lambdas[rate]})
+            tags["rate"] = str(rate)
     else:
         summary, rows, info = _evaluate_task(config, codec, failures)
         originals, recons = info["previews"]  # what the base layer alone shows
@@ -517,9 +566,13 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
     if evaluated_run:
         tags["evaluated_run_id"] = evaluated_run
     active = mlflow.active_run()
-    started = active is None
-    if started:
-        active = tracking.start_run(config.run_name)
+    started = active is None or nested
+    run_name = f"{config.run_name}-rate{rate}" if config.run_name and rate is not None \
+        else config.run_name
+    if nested:
+        active = mlflow.start_run(run_name=run_name or None, nested=True)
+    elif started:
+        active = tracking.start_run(run_name)
     try:
         client = mlflow.tracking.MlflowClient(uri)
         already = client.get_run(active.info.run_id).data.params
@@ -543,4 +596,5 @@ def evaluate(config: EvalConfig, out_dir: Path | None = None) -> dict[str, Any]:
         if started:
             mlflow.end_run()
     return {"run_id": active.info.run_id, "summary": summary, "results": rows,
-            "codec": codec.name, "kind": codec.kind, "data": data, "failures": failures}
+            "codec": codec.name, "kind": codec.kind, "data": data, "failures": failures,
+            "rate": rate}

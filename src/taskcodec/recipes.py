@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from taskcodec.codecs import rebuild
 from taskcodec.codecs.scalable import charged_rate, method_tags
+from taskcodec.codecs.single import vbr_lambdas
 from taskcodec.config import (
     PAD_MULTIPLE,
     BaseConfig,
@@ -115,6 +116,9 @@ class CodecRecipe(Recipe):
 
         self.config = config
         self.criterion = RateDistortionLoss(lmbda=config.lmbda, metric=config.metric)
+        # Variable-rate codecs: one criterion per rate point, each with that point's λ.
+        self.rate_criteria = [RateDistortionLoss(lmbda=v, metric=config.metric)
+                              for v in vbr_lambdas(config.codec, config.vbr_lambdas)]
 
     def model_args(self) -> dict[str, Any]:
         c = self.config
@@ -135,30 +139,45 @@ class CodecRecipe(Recipe):
 
     def losses(self, model, batch, device):
         x = batch.to(device, non_blocking=True)
-        return self.criterion(model(x), x)
+        if not self.rate_criteria:
+            return self.criterion(model(x), x)
+        # A variable-rate codec learns every rate point: each batch samples one (from the
+        # seeded global generator, so every rank of a DDP run draws the same), weighed by its λ.
+        rate = int(torch.randint(len(self.rate_criteria), ()))
+        out = self.rate_criteria[rate](model(x, s=rate), x)
+        out["vbr_rate"] = torch.tensor(float(rate))
+        out["vbr_lmbda"] = torch.tensor(self.rate_criteria[rate].lmbda)
+        return out
 
     def validate(self, model, dataset, device):
         """Loss, estimated bpp, PSNR and MS-SSIM over whole (padded) images, per image."""
         sums: dict[str, float] = {}
         count = _limit(dataset, self.config.max_val_images)
+        # A variable-rate codec: the mean over its rate points, each with its own λ.
+        points = [({}, self.criterion)] if not self.rate_criteria else \
+            [({"s": rate}, criterion) for rate, criterion in enumerate(self.rate_criteria)]
         with torch.no_grad():
             for i in range(count):
                 x = dataset[i].unsqueeze(0).to(device)
                 padded, pads = pad_to_multiple(x, PAD_MULTIPLE)
-                out = model(padded)
-                out = {"x_hat": crop_padding(out["x_hat"], pads).clamp(0, 1),
-                       "likelihoods": out["likelihoods"]}
-                parts = {k: float(v) for k, v in self.criterion(out, x).items()}
-                parts["psnr"] = psnr(x, out["x_hat"])
-                parts["ms_ssim"] = ms_ssim(x, out["x_hat"])
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + v
-        result = {f"val_{k}": v for k, v in _mean(sums, count).items()}
+                for kwargs, criterion in points:
+                    out = model(padded, **kwargs)
+                    out = {"x_hat": crop_padding(out["x_hat"], pads).clamp(0, 1),
+                           "likelihoods": out["likelihoods"]}
+                    parts = {k: float(v) for k, v in criterion(out, x).items()}
+                    parts["psnr"] = psnr(x, out["x_hat"])
+                    parts["ms_ssim"] = ms_ssim(x, out["x_hat"])
+                    for k, v in parts.items():
+                        sums[k] = sums.get(k, 0.0) + v
+        result = {f"val_{k}": v for k, v in _mean(sums, count * len(points)).items()}
         result["val_bpp"] = result.pop("val_bpp_loss")
         return result
 
     def tags(self):
-        return {"codec": self.config.codec, "method": self.config.codec}
+        tags = {"codec": self.config.codec, "method": self.config.codec}
+        if self.rate_criteria:
+            tags["vbr_lambdas"] = ",".join(f"{c.lmbda:g}" for c in self.rate_criteria)
+        return tags
 
 
 # -- scalable coding: the task base layer ---------------------------------------------------

@@ -18,7 +18,14 @@ from taskcodec import __version__
 from taskcodec.cli import compare_cmd, doctor_cmd
 from taskcodec.cli.errors import Group
 from taskcodec.cli.options import config_command
-from taskcodec.config import BaseConfig, EnhancementConfig, EvalConfig, LoopConfig, TrainConfig
+from taskcodec.config import (
+    VBR_LEVELS,
+    BaseConfig,
+    EnhancementConfig,
+    EvalConfig,
+    LoopConfig,
+    TrainConfig,
+)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -132,6 +139,7 @@ def evaluate(config: EvalConfig, output_dir: Path | None) -> None:
       taskcodec evaluate --checkpoint RUN_ID
       taskcodec evaluate --checkpoint checkpoints/RUN_ID/best.pt --data ~/data/kodak
       taskcodec evaluate --checkpoint RUN_ID --data ~/data/clic --split test
+      taskcodec evaluate --checkpoint VBR_RUN_ID --rate 0,3,7   # a variable-rate codec
 
     A folder without train/val/test subfolders is evaluated whole (Kodak: all 24 images);
     the table's first line says how many images of which data (with a content digest).
@@ -141,15 +149,20 @@ def evaluate(config: EvalConfig, output_dir: Path | None) -> None:
     from taskcodec.evaluate import evaluate as run_evaluation
 
     result = run_evaluation(config, output_dir)
-    rows = [(result["codec"], result["summary"])]
-    summary = result["summary"]
-    for name, label in ANCHORS.items():
-        if f"{name}_bpp" in summary:
-            rows.append((f"{label} (Pillow), nearest bpp",
-                         {k: summary[f"{name}_{k}"] for k in ("bpp", "psnr", "ms_ssim")}))
+    rows = []
+    for point in result.get("rates", [result]):
+        at = "" if point.get("rate") is None else f" rate {point['rate']}"
+        summary = point["summary"]
+        rows.append((result["codec"] + at, summary))
+        for name, label in ANCHORS.items():
+            if f"{name}_bpp" in summary:
+                rows.append((f"{label} (Pillow), nearest bpp{at}",
+                             {k: summary[f"{name}_{k}"] for k in ("bpp", "psnr", "ms_ssim")}))
     click.echo(describe_data(result["data"]))
     click.echo(format_table(rows))
-    click.echo(f"MLflow run: {result['run_id']}")
+    for point in result.get("rates", [result]):
+        at = "" if point.get("rate") is None else f" (rate {point['rate']})"
+        click.echo(f"MLflow run: {point['run_id']}{at}")
     if result["failures"]:
         from taskcodec.errors import TaskcodecError
 
@@ -188,23 +201,30 @@ _CODEC = click.option("--codec", default="", metavar="NAME",
 @_CKPT
 @_WHICH
 @_CODEC
-def compress(image: Path, output: Path, checkpoint: str, which: str, codec: str) -> None:
+@click.option("--rate", type=int, default=None, metavar="R",
+              help=f"variable-rate codecs (*-vbr): the rate point, 0 (lowest) to {VBR_LEVELS - 1} "
+                   "(default: the highest); the file records it, so decompress needs no --rate")
+def compress(image: Path, output: Path, checkpoint: str, which: str, codec: str,
+             rate: int | None) -> None:
     """Compress IMAGE into a taskcodec bitstream file.
 
     \b
-    Example:
+    Examples:
       taskcodec compress kodim01.png -o kodim01.tcd --checkpoint RUN_ID
+      taskcodec compress kodim01.png -o kodim01.tcd --checkpoint VBR_RUN_ID --rate 2
     """
     from taskcodec import bitstream
     from taskcodec.codecs.loading import load_codec
 
     x = _read_image(image)
     codec = load_codec(checkpoint, which, codec)
-    data = codec.compress(x)
+    rate = codec.default_rate if rate is None else rate
+    data = codec.compress(x, rate)
     bitstream.write_bytes(output, data)
     h, w = x.shape[-2:]
+    at = "" if rate is None else f", rate {rate}"
     click.echo(f"{output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp "
-               f"({w}x{h}, {codec.name} {codec.fingerprint})", err=True)
+               f"({w}x{h}, {codec.name} {codec.fingerprint}{at})", err=True)
 
 
 _PREDICTION_SUFFIX = {"detection": ".json", "classification": ".json"}

@@ -30,7 +30,7 @@ from taskcodec.codecs import entropy
 from taskcodec.codecs.rebuild import build_from_args
 from taskcodec.config import PAD_MULTIPLE
 from taskcodec.data.transforms import crop_padding, pad_to_multiple
-from taskcodec.errors import BitstreamError, CheckpointError, DesyncError
+from taskcodec.errors import BitstreamError, CheckpointError, ConfigError, DesyncError
 
 #: Largest image a file may ask to decode into (4096 x 4096), unless the caller allows more:
 #: decoding allocates about (N + 3) * 4 bytes per pixel in the first synthesis layers.
@@ -107,8 +107,24 @@ class LoadedCodec:
             or getattr(enhancement, "predictor", None) is not None
 
     # -- encoding ------------------------------------------------------------------------------
-    def compress(self, x: Tensor) -> bytes:
-        """One image (3xHxW or 1x3xHxW, in [0, 1]) -> the bytes of a taskcodec file."""
+    @property
+    def default_rate(self) -> int | None:
+        """The rate point :meth:`compress` codes at when given none (None: a fixed rate)."""
+        from taskcodec.codecs.single import default_rate
+
+        return default_rate(self.model)
+
+    def rate_kwargs(self, rate: int | None, error: type[Exception] = ConfigError) -> dict:
+        """What selects rate point ``rate`` in the model's calls ({} for a fixed-rate codec)."""
+        from taskcodec.codecs.single import rate_kwargs
+
+        return rate_kwargs(self.model, rate, self.name, error)
+
+    def compress(self, x: Tensor, rate: int | None = None) -> bytes:
+        """One image (3xHxW or 1x3xHxW, in [0, 1]) -> the bytes of a taskcodec file
+        (``rate``: the rate point of a variable-rate codec, stored in the header)."""
+        rate = self.default_rate if rate is None else rate
+        kwargs = self.rate_kwargs(rate)
         x = x if x.dim() == 4 else x.unsqueeze(0)
         if x.shape[0] != 1:
             raise ValueError(f"compress takes one image at a time, got a batch of {x.shape[0]}")
@@ -118,12 +134,13 @@ class LoadedCodec:
             if self.kind == "scalable":
                 out = self.model.compress(padded)["layers"]
             else:
-                single = self.model.compress(padded)
+                single = self.model.compress(padded, **kwargs)
                 out = {self.layer_names[0]: (single["strings"], single["shape"])}
         layers = [bitstream.Layer.from_compressed(name, {"strings": s, "shape": shape,
                                                          "digest": self.sessions[name].digest()})
                   for name, (s, shape) in out.items()]
-        return bitstream.pack(bitstream.Header(self.name, self.fingerprint, height, width), layers)
+        return bitstream.pack(bitstream.Header(self.name, self.fingerprint, height, width, rate),
+                              layers)
 
     # -- decoding ------------------------------------------------------------------------------
     def read(self, data: bytes, layers: Collection[str] | None = None
@@ -175,13 +192,14 @@ class LoadedCodec:
         """
         header, by_name = self.read(data, layers)
         size, pads = self.check_bounds(header, by_name, max_pixels)
+        kwargs = self.rate_kwargs(header.rate, BitstreamError)
         result: dict[str, Any] = {"header": header}
         try:
             with torch.no_grad(), self._sessions(by_name, "decode"):
                 compressed = {name: (layer.to_compressed()["strings"], layer.shape)
                               for name, layer in by_name.items()}
                 if self.kind == "codec":
-                    x_hat = self.model.decompress(*compressed["main"])["x_hat"]
+                    x_hat = self.model.decompress(*compressed["main"], **kwargs)["x_hat"]
                     result["x_hat"] = self._crop(x_hat, size, pads).clamp_(0, 1)
                 else:
                     if self.kind == "scalable":

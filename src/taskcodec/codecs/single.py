@@ -6,14 +6,19 @@
 - mbt2018-mean: Minnen et al., "Joint autoregressive and hierarchical priors for learned image
   compression" (NeurIPS 2018), mean-scale hyperprior without the autoregressive context (which
   would make decoding sequential and slow on CPU).
+- bmshj2018-hyperprior-vbr, mbt2018-mean-vbr: the two hyperpriors coding at several rates with
+  one set of weights (see "variable-rate codecs" below).
 """
 
 from __future__ import annotations
 
 from compressai.models import FactorizedPrior, MeanScaleHyperprior, ScaleHyperprior
+from compressai.models.vbr import MeanScaleHyperpriorVbr, ScaleHyperpriorVbr
+from torch import nn
 
 from taskcodec.codecs.registry import CODECS
-from taskcodec.config import PAD_MULTIPLE  # noqa: F401  (how much each codec downsamples)
+from taskcodec.config import PAD_MULTIPLE, VBR_CODEC_NAMES  # noqa: F401  (PAD_MULTIPLE: how much each codec downsamples)
+from taskcodec.errors import ConfigError
 
 
 @CODECS.register("bmshj2018-factorized")
@@ -29,3 +34,69 @@ def bmshj2018_hyperprior(*, N: int, M: int) -> ScaleHyperprior:
 @CODECS.register("mbt2018-mean")
 def mbt2018_mean(*, N: int, M: int) -> MeanScaleHyperprior:
     return MeanScaleHyperprior(N=N, M=M)
+
+
+# -- variable-rate codecs -------------------------------------------------------------------
+# Kamisli, Racapé and Choi, "Variable-Rate Learned Image Compression with Multi-Objective
+# Optimization and Quantization-Reconstruction Offsets" (DCC 2024): one model codes at
+# VBR_LEVELS rates. Rate point s (0: lowest) scales the latent by a learned gain Gain[s] (the
+# inverse quantisation step) before rounding, and a small network (QuantABCD) moves each
+# reconstruction off the bin centre. The rate is an argument of forward/compress/decompress
+# (``s=``), not a weight: a file must say at which rate it was coded (its header does).
+# mbt2018-vbr (the autoregressive one) is not registered: it decodes serially and codes its
+# own rANS streams outside the entropy models, which taskcodec's safe decoder replaces.
+# The hyper-latent keeps its fixed-step entropy bottleneck (vr_entbttlnck=False, CompressAI's
+# default when building): CompressAI's EntropyBottleneckVbr is not one of its EntropyModels.
+
+
+@CODECS.register("bmshj2018-hyperprior-vbr")
+def bmshj2018_hyperprior_vbr(*, N: int, M: int) -> ScaleHyperpriorVbr:
+    return ScaleHyperpriorVbr(N=N, M=M)
+
+
+@CODECS.register("mbt2018-mean-vbr")
+def mbt2018_mean_vbr(*, N: int, M: int) -> MeanScaleHyperpriorVbr:
+    return MeanScaleHyperpriorVbr(N=N, M=M)
+
+
+def rate_levels(model: nn.Module) -> int:
+    """How many rate points ``model`` codes at (0: a fixed-rate codec)."""
+    return len(model.Gain) if isinstance(model, ScaleHyperpriorVbr) else 0
+
+
+def default_rate(model: nn.Module) -> int | None:
+    """The rate point to code at when none is given: a variable-rate codec's highest (gain 1,
+    the quantisation step of the model's fixed-rate parent); None for a fixed-rate codec."""
+    levels = rate_levels(model)
+    return levels - 1 if levels else None
+
+
+def rate_kwargs(model: nn.Module, rate: int | None, name: str, error: type[Exception] = ConfigError
+                ) -> dict[str, int]:
+    """The arguments that select rate point ``rate`` in the model's forward/compress/decompress,
+    or one ``error`` line when the codec cannot code at that rate."""
+    levels = rate_levels(model)
+    if not levels:
+        if rate is not None:
+            raise error(f"rate {rate} given, but {name} has a fixed rate (rates are for the "
+                        f"variable-rate codecs: {', '.join(VBR_CODEC_NAMES)})")
+        return {}
+    if rate is None:
+        raise error(f"{name} is a variable-rate codec: it needs a rate point from 0 to "
+                    f"{levels - 1}")
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 0 <= rate < levels:
+        raise error(f"rate {rate!r} is outside {name}'s range 0..{levels - 1}")
+    return {"s": rate}
+
+
+def vbr_lambdas(codec: str, text: str = "") -> list[float]:
+    """λ of each rate point of the variable-rate ``codec`` ([] for a fixed-rate one): ``text``
+    (comma-separated, checked by the config) or the model's own (CompressAI's, 0.0018 .. 0.18)."""
+    if codec not in VBR_CODEC_NAMES:
+        return []
+    model = CODECS.build(codec, N=1, M=1)  # the list is set by __init__: a tiny model tells it
+    lambdas = [float(v) for v in text.split(",")] if text.strip() else list(model.lmbda)
+    if len(lambdas) != rate_levels(model):
+        raise ConfigError(f"vbr_lambdas has {len(lambdas)} values; the model has "
+                          f"{rate_levels(model)} rate points")
+    return lambdas
