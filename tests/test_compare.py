@@ -697,13 +697,13 @@ def test_bootstrap_over_images_logged_in_a_tracking_store(tmp_path):
 
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["compare", "--experiment", name, "--anchor", "anchor",
-                                      "--metric", "psnr", "--bootstrap-images", "300",
+                                      "--metric", "psnr", "--bootstrap-images", "100",
                                       "--bootstrap-seed", "5", "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
-    assert "Bootstrap over images against 'anchor': 300 resamples" in result.output
+    assert "Bootstrap over images against 'anchor': 100 resamples" in result.output
     assert "seed 5" in result.output
     doc = json.loads((out / "image_bootstrap.json").read_text())
-    assert (doc["resamples"], doc["seed"], doc["interval"]) == (300, 5, "percentile")
+    assert (doc["resamples"], doc["seed"], doc["interval"]) == (100, 5, "percentile")
     rows = {r["curve"]: r for r in doc["rows"]}
     exact = rows["half"]
     assert exact["images"] == IMAGES and not exact["error"]
@@ -719,7 +719,7 @@ def test_bootstrap_over_images_logged_in_a_tracking_store(tmp_path):
     assert noise["bd_metric_low"] < noise["bd_metric"] < noise["bd_metric_high"]
     assert [r["curve"] for r in read_csv(out / "image_bootstrap.csv")] == ["half", "noisy"]
     run = client.get_run(re.search(r"MLflow run: ([0-9a-f]{32})", result.output).group(1))
-    assert run.data.params["bootstrap_images"] == "300"
+    assert run.data.params["bootstrap_images"] == "100"
     assert "**Bootstrap over images" in run.data.tags["mlflow.note.content"]
 
 
