@@ -16,13 +16,12 @@ training run? (that is ``--pair-by seed``; a curve of replicates is refused here
 from __future__ import annotations
 
 import csv
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from taskcodec.compare.bd import bd_both
-from taskcodec.compare.curves import Curve, Point, make_curve, pareto_front
+from taskcodec.compare.curves import Curve, Point, _finite, make_curve, pareto_front
 from taskcodec.errors import ConfigError
 
 PER_IMAGE_ARTIFACT = "evaluation/per_image.csv"
@@ -70,14 +69,7 @@ def read_per_image(path: Path | str) -> dict[int, dict[str, float]]:
     table: dict[int, dict[str, float]] = {}
     with open(path, newline="") as fh:
         for i, row in enumerate(csv.DictReader(fh)):
-            values = {}
-            for key, text in row.items():
-                try:
-                    value = float(text)
-                except (TypeError, ValueError):
-                    continue
-                if math.isfinite(value):
-                    values[key] = value
+            values = _finite(row)
             table[int(values.pop("index", i))] = values
     return table
 
