@@ -646,3 +646,104 @@ def test_bd_rates_equal_the_bjontegaard_package_on_published_curves(tmp_path):
                                        np.array(b["bpp"]), np.array(b["psnr-rgb"]),
                                        method=method)
         assert cmp.bd_rate(ca, cb, "psnr", method) == pytest.approx(expected, abs=0.005)
+
+
+# -- the bootstrap over images of single runs --------------------------------------------------
+IMAGES = 32
+
+
+def per_image_rows(rates, psnrs) -> list[dict]:
+    """Rows of an evaluate run's per_image.csv (index, bpp, psnr)."""
+    return [{"index": i, "bpp": float(r), "psnr": float(q)}
+            for i, (r, q) in enumerate(zip(rates, psnrs))]
+
+
+def log_per_image_curve(client, experiment_id: str, method: str, images) -> None:
+    """One evaluate-like run per λ whose metrics are the means of its per-image rows, which
+    it logs as evaluate does (evaluation/per_image.csv)."""
+    for lmbda, rows in zip(LAMBDAS, images):
+        bpp = sum(r["bpp"] for r in rows) / len(rows)
+        psnr = sum(r["psnr"] for r in rows) / len(rows)
+        run_id = log_eval_run(client, experiment_id, method, lmbda, {"bpp": bpp, "psnr": psnr})
+        text = "index,bpp,psnr\n" + "".join(f"{r['index']},{r['bpp']!r},{r['psnr']!r}\n"
+                                            for r in rows)
+        client.log_text(run_id, text, "evaluation/per_image.csv")
+
+
+def test_bootstrap_over_images_logged_in_a_tracking_store(tmp_path):
+    """Per image: "half" codes every image with exactly half the anchor's bits at its PSNR
+    (interval [-50, -50]); "noisy" with 0.8 times them up to per-image noise of mean 1 (the
+    interval holds the true -20 %)."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from taskcodec import tracking
+
+    rng = np.random.default_rng(3)
+    hardness = np.linspace(0.5, 1.5, IMAGES)  # images differ: the points' means move
+    offsets = rng.normal(0, 1.0, IMAGES)
+    anchor = [per_image_rows(rate * hardness, psnr + offsets)
+              for rate, psnr in zip(RATES, PSNRS)]
+    half = [per_image_rows(rate * hardness / 2, psnr + offsets)
+            for rate, psnr in zip(RATES, PSNRS)]
+    noisy = [per_image_rows(0.8 * rate * hardness * rng.uniform(0.8, 1.2, IMAGES),
+                            psnr + offsets + rng.normal(0, 0.3, IMAGES))
+             for rate, psnr in zip(RATES, PSNRS)]
+    client = MlflowClient(tracking.tracking_uri())
+    name = "images"
+    exp_id = client.create_experiment(name, artifact_location=(tmp_path / "art").as_uri())
+    for method, images in (("anchor", anchor), ("half", half), ("noisy", noisy)):
+        log_per_image_curve(client, exp_id, method, images)
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["compare", "--experiment", name, "--anchor", "anchor",
+                                      "--metric", "psnr", "--bootstrap-images", "100",
+                                      "--bootstrap-seed", "5", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Bootstrap over images against 'anchor': 100 resamples" in result.output
+    assert "seed 5" in result.output
+    doc = json.loads((out / "image_bootstrap.json").read_text())
+    assert (doc["resamples"], doc["seed"], doc["interval"]) == (100, 5, "percentile")
+    rows = {r["curve"]: r for r in doc["rows"]}
+    exact = rows["half"]
+    assert exact["images"] == IMAGES and not exact["error"]
+    assert exact["bd_rate_failed"] == exact["bd_metric_failed"] == 0
+    assert (exact["bd_rate"], exact["bd_rate_low"], exact["bd_rate_high"]) == pytest.approx(
+        (-50.0, -50.0, -50.0), abs=1e-6)
+    # on all images, the bootstrap's point estimate is the BD table's (means of the rows)
+    bd = {r["curve"]: r for r in json.loads((out / "bd.json").read_text())["rows"]}
+    assert rows["noisy"]["bd_rate"] == pytest.approx(bd["noisy"]["bd_rate"], abs=1e-9)
+    noise = rows["noisy"]
+    assert noise["bd_rate_low"] < -20.0 < noise["bd_rate_high"]
+    assert noise["bd_rate_high"] - noise["bd_rate_low"] > 1.0 and noise["bd_rate_high"] < -10
+    assert noise["bd_metric_low"] < noise["bd_metric"] < noise["bd_metric_high"]
+    assert [r["curve"] for r in read_csv(out / "image_bootstrap.csv")] == ["half", "noisy"]
+    run = client.get_run(re.search(r"MLflow run: ([0-9a-f]{32})", result.output).group(1))
+    assert run.data.params["bootstrap_images"] == "100"
+    assert "**Bootstrap over images" in run.data.tags["mlflow.note.content"]
+
+
+def test_bootstrap_over_images_says_why_a_pair_cannot_be_resampled():
+    runs = seeded_runs("anchor", RATES, PSNRS, seeds=[0]) + seeded_runs("test", RATES, PSNRS,
+                                                                       seeds=[0])
+    anchor, test = cmp.curves_from_runs(runs, "method")
+    tables = {p.run_id: {i: {"bpp": p.bpp, "psnr": p.metrics["psnr"]} for i in range(4)}
+              for c in (anchor, test) for p in c.points}
+    (same,) = cmp.image_bootstrap([anchor, test], anchor, ["psnr"], tables, resamples=100)
+    assert same.bd_rate == pytest.approx(0.0, abs=1e-9) and same.images == 4
+    assert (same.bd_rate_low, same.bd_rate_high) == pytest.approx((0.0, 0.0), abs=1e-9)
+    (no_column,) = cmp.image_bootstrap([anchor, test], anchor, ["ms_ssim"], tables,
+                                       resamples=100)
+    assert "ms_ssim is not logged per image by run" in no_column.error
+    missing = {k: v for k, v in tables.items() if k != test.points[0].run_id}
+    (absent,) = cmp.image_bootstrap([anchor, test], anchor, ["psnr"], missing, resamples=100,
+                                    missing={test.points[0].run_id: "no per_image.csv here"})
+    assert absent.error == "no per_image.csv here" and absent.bd_rate is None
+    reference = cmp.make_curve("ref", anchor.points, "reference")
+    (published,) = cmp.image_bootstrap([reference, test], reference, ["psnr"], tables,
+                                       resamples=100)
+    assert "is a reference curve: it has no per-image results" in published.error
+    with pytest.raises(ConfigError, match="--bootstrap-images 10 should be 0 \\(off\\) or >= 100"):
+        cmp.CompareOptions(bootstrap_images=10)
+    with pytest.raises(ConfigError, match="with --pair-by the seeds are the replicates"):
+        cmp.CompareOptions(bootstrap_images=100, pair_by="seed")

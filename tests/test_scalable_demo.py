@@ -1,11 +1,11 @@
 """`make scalable-demo` end to end, at toy sizes: the exact script users run.
 
-The script chains ~20 processes (two detection bases, a start and fine-tuned points per curve,
+The script writes one plan (two detection bases, a start and fine-tuned points per curve,
 paper 1's baselines and paper 2's standalone-refit, an evaluate with real layered bitstreams per
-point, the comparison)
-on the embedded scenes, with a real sqlite MLflow store. Steps are cut to 1-2 per run and one
-alpha, so the figures mean nothing; what is checked is the plumbing: every run is there with
-its lineage, the comparison reads exactly this invocation's evaluate runs and writes its files.
+point), runs it in one process (`taskcodec run-plan`), then compares, on the embedded scenes
+with a real sqlite MLflow store. Steps are cut to 1-2 per run and one alpha, so the figures
+mean nothing; what is checked is the plumbing: every run is there with its lineage, the
+comparison reads exactly this invocation's evaluate runs and writes its files.
 """
 
 from __future__ import annotations
@@ -84,3 +84,12 @@ def test_scalable_demo_trains_evaluates_and_compares_every_curve(tmp_path):
     assert (evaluated["data_seed"], evaluated["images"]) == ("1000", "3")
     assert runs["standalone-refit-beta0-a256"].data.tags["baseline_of"] == "paper2-standalone"
     assert runs["eval-upper-beta0-a256"].data.tags["baseline_of"] == "paper1-upper"
+
+    # one plan, run in one process: a step per training and evaluation, each one of the runs
+    plan = json.loads((out / "plan.json").read_text())["steps"]
+    done = json.loads((out / "runs.json").read_text())
+    assert [s["name"] for s in plan] == list(done)
+    assert len(plan) == 20 and sum(s["command"] == "evaluate" for s in plan) == 8
+    for name, step in done.items():
+        assert runs[name].info.run_id == step["run_id"], name
+    assert {"scalable-demo", "scalable-demo-beta"} <= set(runs)

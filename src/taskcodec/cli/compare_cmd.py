@@ -76,6 +76,12 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--equivalence-margin", type=float, default=None, metavar="X",
               help="with --pair-by: two one-sided tests of |mean| < X (in each quantity's "
                    "unit: % for BD-rate, dB for BD-PSNR, bpp for ΔJ)")
+@click.option("--bootstrap-images", type=click.IntRange(min=0), default=0, metavar="N",
+              help="with N resamples (e.g. 1000) of the evaluation images: a percentile "
+                   "interval of each curve's BD-rate and BD-metric against the anchor (curves "
+                   "of single runs; from the per-image results evaluate logs) [default: 0, off]")
+@click.option("--bootstrap-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              metavar="SEED", help="seed of the image resamples (numpy's default generator)")
 @click.option("--pareto", is_flag=True,
               help="BD between operational RD curves: each curve's Pareto front (the table "
                    "names the points dropped)")
@@ -84,8 +90,9 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--run-name", default="", metavar="NAME", help="name of the comparison run")
 def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags: dict[str, str],
             group_by: str, anchor: str, metrics: tuple[str, ...], references: tuple[str, ...],
-            jpeg: bool, anchors: str, mix_data: bool, bd_method: str, rate: str, replicates_by: str,
-            pair_by: str, equivalence_margin: float | None, pareto: bool, output_dir: str,
+            jpeg: bool, anchors: str, mix_data: bool, bd_method: str, rate: str,
+            replicates_by: str, pair_by: str, equivalence_margin: float | None,
+            bootstrap_images: int, bootstrap_seed: int, pareto: bool, output_dir: str,
             run_name: str) -> None:
     """Compare runs as rate-distortion curves: RD plots and BD-rate / BD-metric tables.
 
@@ -111,6 +118,8 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
       taskcodec compare --tag layer=scalable --rate bpp_estimated --metric psnr
       taskcodec compare --tag layer=scalable --group-by method --anchor lower --pair-by seed
       taskcodec compare --reference a.json --reference b.json
+      taskcodec compare --tag layer=scalable --group-by method --anchor lower \\
+        --bootstrap-images 1000
     """
     from taskcodec.compare import CompareOptions
     from taskcodec.compare import compare as run_comparison
@@ -121,7 +130,8 @@ def compare(experiment: str, filter_string: str, run_ids: tuple[str, ...], tags:
         metrics=_split(metrics), references=tuple(r for r in references if r.strip()),
         jpeg=jpeg, anchors=anchors, mix_data=mix_data, bd_method=bd_method, rate=rate.strip(),
         replicates_by=replicates_by.strip(), pair_by=pair_by.strip(),
-        equivalence_margin=equivalence_margin, pareto=pareto,
+        equivalence_margin=equivalence_margin, bootstrap_images=bootstrap_images,
+        bootstrap_seed=bootstrap_seed, pareto=pareto,
         output_dir=Path(output_dir) if output_dir.strip() else None, run_name=run_name)
     result = run_comparison(options)
     click.echo(result.text)

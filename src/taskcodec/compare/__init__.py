@@ -27,6 +27,7 @@ The package, by what a newcomer looks for:
 - :mod:`~taskcodec.compare.bd`: Bjøntegaard deltas and the BD table;
 - :mod:`~taskcodec.compare.statistics`: intervals over replicates, paired BD per seed,
   equivalence tests;
+- :mod:`~taskcodec.compare.images`: the bootstrap over images of single runs' curves;
 - :mod:`~taskcodec.compare.selection`: which MLflow runs are compared;
 - :mod:`~taskcodec.compare.report`: plots, CSV/JSON files, terminal and Markdown tables;
 - :mod:`~taskcodec.compare.comparison`: the whole ``taskcodec compare``.
@@ -78,6 +79,7 @@ from taskcodec.compare.curves import (
     replicate_curves,
     shared_metrics,
 )
+from taskcodec.compare.images import ImageBootstrapRow, image_bootstrap, read_per_image
 from taskcodec.compare.report import (
     format_bd,
     format_curves,
@@ -111,5 +113,5 @@ __all__ = [
     "select_runs", "shared_metrics", "tag_filter", "write_bd", "write_outputs", "write_points",
     "write_rows", "aggregate_replicates", "pareto_front", "replicate_curves", "Estimate",
     "PairedRow", "estimate", "mean_interval", "paired_table", "tost_p", "ANCHOR_CURVES",
-    "anchor_curve", "anchor_curves",
+    "anchor_curve", "anchor_curves", "ImageBootstrapRow", "image_bootstrap", "read_per_image",
 ]

@@ -25,12 +25,21 @@ from taskcodec.compare.curves import (
     parse_group_by,
     shared_metrics,
 )
+from taskcodec.compare.images import (
+    ImageBootstrapRow,
+    check_resamples,
+    fetch_per_image,
+    image_bootstrap,
+)
 from taskcodec.compare.report import (
     format_bd,
     format_curves,
+    format_image_bootstrap,
     format_paired,
     markdown_bd,
+    markdown_image_bootstrap,
     markdown_paired,
+    write_image_bootstrap,
     write_outputs,
     write_paired,
 )
@@ -66,6 +75,8 @@ class CompareOptions:
     equivalence_margin: float | None = None  # TOST margin, in each quantity's unit
     pareto: bool = False  # BD between operational RD curves (Pareto fronts)
     confidence: float = CONFIDENCE
+    bootstrap_images: int = 0  # resamples of the evaluation images (0: no image bootstrap)
+    bootstrap_seed: int = 0  # seeds the resamples' generator
 
     def __post_init__(self) -> None:
         _check_method(self.bd_method)
@@ -82,6 +93,13 @@ class CompareOptions:
             raise ConfigError(f"--equivalence-margin {self.equivalence_margin!r} should be > 0")
         if self.equivalence_margin is not None and not self.pair_by:
             raise ConfigError("--equivalence-margin tests paired replicates: give --pair-by too")
+        check_resamples(self.bootstrap_images)
+        if self.bootstrap_images and self.replicate_key:
+            raise ConfigError("--bootstrap-images resamples the images of single runs; with "
+                              f"--{'pair-by' if self.pair_by else 'replicates-by'} the seeds "
+                              "are the replicates (drop one of the two)")
+        if self.bootstrap_seed < 0:
+            raise ConfigError(f"--bootstrap-seed {self.bootstrap_seed} should be >= 0")
 
     @property
     def replicate_key(self) -> str:
@@ -106,6 +124,7 @@ class Comparison:
     text: str
     ratios: list = field(default_factory=list)  # ideal_gain.RatioRow
     paired: list[PairedRow] = field(default_factory=list)
+    image_bootstrap: list[ImageBootstrapRow] = field(default_factory=list)
 
 
 def _resolve_experiment(client, name: str, create: bool = False):
@@ -201,7 +220,9 @@ def _log_run(client, experiment_id: str, files: Sequence[Path], options: Compare
               "mix_data": str(options.mix_data).lower(),
               "replicates_by": options.replicates_by, "pair_by": options.pair_by,
               "equivalence_margin": options.equivalence_margin or "",
-              "pareto": str(options.pareto).lower(), "confidence": options.confidence}
+              "pareto": str(options.pareto).lower(), "confidence": options.confidence,
+              "bootstrap_images": options.bootstrap_images,
+              "bootstrap_seed": options.bootstrap_seed}
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     created = not run_id
     if created:
@@ -272,10 +293,13 @@ def compare(options: CompareOptions) -> Comparison:
                               confidence=options.confidence, margin=options.equivalence_margin,
                               pareto=options.pareto)
     run_ids = sorted({r.info.run_id for r in runs})
+    boot = (_image_bootstrap(client, curves, anchor, metrics, options)
+            if options.bootstrap_images else [])
     text = "\n\n".join([format_curves(curves, metrics), format_bd(rows, anchor.name,
                                                                    options.bd_method)]
                         + ([format_ratios(ratios)] if ratios else [])
-                        + ([format_paired(paired, options.pair_by)] if options.pair_by else []))
+                        + ([format_paired(paired, options.pair_by)] if options.pair_by else [])
+                        + ([format_image_bootstrap(boot)] if options.bootstrap_images else []))
     if len(data_sets(runs)) > 1:
         text += (f"\n\nThe runs were evaluated on {len(data_sets(runs))} data sets "
                  f"({', '.join(data_sets(runs))}): "
@@ -290,6 +314,8 @@ def compare(options: CompareOptions) -> Comparison:
             files += write_paired(paired, folder, pair_by=options.pair_by,
                                   method=options.bd_method, confidence=options.confidence,
                                   margin=options.equivalence_margin)
+        if options.bootstrap_images:
+            files += write_image_bootstrap(boot, folder, method=options.bd_method)
         (folder / "summary.txt").write_text(text + "\n")
         files.append(folder / "summary.txt")
         run_id = _log_run(client, experiment_id, files, options,
@@ -298,8 +324,24 @@ def compare(options: CompareOptions) -> Comparison:
                           run_ids=run_ids, note=markdown_bd(rows, anchor.name, options.bd_method)
                           + ("\n\n" + markdown_ratios(ratios) if ratios else "")
                           + ("\n\n" + markdown_paired(paired, options.pair_by)
-                             if options.pair_by else ""))
+                             if options.pair_by else "")
+                          + ("\n\n" + markdown_image_bootstrap(boot) if boot else ""))
         if not options.output_dir:
             files = [Path("comparison") / f.name for f in files]  # only in MLflow now
     return Comparison(run_id, experiment_id, curves, metrics, anchor.name, rows, files,
-                      run_ids, text, ratios, paired)
+                      run_ids, text, ratios, paired, boot)
+
+
+def _image_bootstrap(client, curves: Sequence[Curve], anchor: Curve, metrics: Sequence[str],
+                     options: CompareOptions) -> list[ImageBootstrapRow]:
+    """The bootstrap over images of every run curve against the anchor, from the per-image
+    results the compared runs logged."""
+    import tempfile
+
+    run_ids = [p.run_id for c in curves if c.source == "runs" for p in c.points]
+    with tempfile.TemporaryDirectory() as tmp:
+        tables, missing = fetch_per_image(client, run_ids, Path(tmp))
+    return image_bootstrap(curves, anchor, metrics, tables, missing=missing, rate=options.rate,
+                           method=options.bd_method, resamples=options.bootstrap_images,
+                           seed=options.bootstrap_seed, confidence=options.confidence,
+                           pareto=options.pareto)

@@ -13,6 +13,8 @@ from typing import Any
 
 from taskcodec.compare.bd import BDRow
 from taskcodec.compare.curves import _LABELS, RATE, Curve, Point, metric_label, metric_unit
+from taskcodec.compare.images import FIELDS as IMAGE_BOOTSTRAP_FIELDS
+from taskcodec.compare.images import GENERATOR, ImageBootstrapRow
 from taskcodec.compare.statistics import PairedRow
 
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -260,3 +262,62 @@ def write_paired(rows: Sequence[PairedRow], folder: Path, *, pair_by: str, metho
     return write_rows(rows, PAIRED_FIELDS, folder / "paired",
                       {"pair_by": pair_by, "method": method, "confidence": confidence,
                        "equivalence_margin": margin, "bd_rate_unit": "%", "delta_j_unit": "bpp"})
+
+
+# -- bootstrap over images -----------------------------------------------------------------------
+def _interval_text(value: float | None, low: float | None, high: float | None, unit: str) -> str:
+    if value is None:
+        return "n/a"
+    unit = f" {unit}" if unit else ""
+    return f"{_g(value)}{unit} [{_g(low)}, {_g(high)}]"
+
+
+def image_bootstrap_cells(r: ImageBootstrapRow) -> list[str]:
+    """BD-rate and BD-metric with their intervals, and the resamples left out of each."""
+    failed = (f"{r.bd_rate_failed}/{r.bd_metric_failed}"
+              if r.bd_rate_failed or r.bd_metric_failed else "0")
+    return [str(r.images), _interval_text(r.bd_rate, r.bd_rate_low, r.bd_rate_high, "%"),
+            _interval_text(r.bd_metric, r.bd_metric_low, r.bd_metric_high,
+                           metric_unit(r.metric)), failed]
+
+
+def _image_bootstrap_title(rows: Sequence[ImageBootstrapRow]) -> str:
+    r = rows[0]
+    return (f"Bootstrap over images against {r.anchor!r}: {r.resamples} resamples of the "
+            f"images ({GENERATOR}, seed {r.seed}), {100 * r.confidence:g} % percentile "
+            "intervals; failed = resamples without a BD value (BD-rate/BD-metric), left out")
+
+
+def format_image_bootstrap(rows: Sequence[ImageBootstrapRow]) -> str:
+    if not rows:
+        return "Bootstrap over images: no run curve to compare with the anchor"
+    lines = [_image_bootstrap_title(rows)]
+    for r in rows:
+        images, rate, value, failed = image_bootstrap_cells(r)
+        lines.append(f"  {r.curve} / {r.metric}: BD-rate {rate}; BD-metric {value}; "
+                     f"{images} images, failed {failed}" + (f"   ({r.error})" if r.error else ""))
+    return "\n".join(lines)
+
+
+def markdown_image_bootstrap(rows: Sequence[ImageBootstrapRow]) -> str:
+    if not rows:
+        return ""
+    lines = [f"**{_image_bootstrap_title(rows)}**", "",
+             "| curve | metric | images | BD-rate [interval] | BD-metric [interval] | failed "
+             "| note |", "|---|---|---:|---|---|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.curve} | {r.metric} | " + " | ".join(image_bootstrap_cells(r))
+                     + f" | {r.error} |")
+    return "\n".join(lines)
+
+
+def write_image_bootstrap(rows: Sequence[ImageBootstrapRow], folder: Path, *,
+                          method: str) -> list[Path]:
+    """image_bootstrap.csv and .json: BD on all images and its percentile intervals."""
+    first = rows[0] if rows else None
+    return write_rows(rows, IMAGE_BOOTSTRAP_FIELDS, folder / "image_bootstrap",
+                      {"method": method, "interval": "percentile", "generator": GENERATOR,
+                       "resamples": first.resamples if first else 0,
+                       "seed": first.seed if first else 0,
+                       "confidence": first.confidence if first else None,
+                       "bd_rate_unit": "%"})
