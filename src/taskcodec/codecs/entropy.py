@@ -176,10 +176,11 @@ def check_codable(symbols: Sequence[int], indexes: Sequence[int], cdf_sizes: Seq
 
     ``BufferedRansEncoder::encode_with_indexes`` (rans_interface.cpp) codes a symbol outside
     its table as a raw value, ``raw = -2v - 1`` below it and ``2(v - max)`` above it (``v`` =
-    symbol - offset), in 4-bit groups counted by ``while ((raw >> (4 * n)) != 0) ++n``. From
-    ``raw >= 2^28`` on, that shift reaches 32 bits, which x86 takes modulo 32: the count never
-    ends. A latent of untrained, diverged or corrupt weights gets there (a NaN becomes
-    -2^31). CompressAI's Python side clamps the scales, never the symbols.
+    symbol - offset), in 4-bit groups counted by ``while ((raw >> (4 * n)) != 0) ++n``. For
+    ``raw >= 2^28`` the count reaches 8, a shift by 32 bits (undefined in C++; x86 takes it
+    modulo 32, so it shifts by 0), and no shift ever gives 0: the loop never ends.
+    A latent of untrained, diverged or corrupt weights gets there (a NaN becomes -2^31).
+    CompressAI's Python side bounds the scales (``lower_bound_scale``), never the symbols.
     """
     if not len(symbols):
         return
@@ -188,7 +189,7 @@ def check_codable(symbols: Sequence[int], indexes: Sequence[int], cdf_sizes: Seq
         return  # every symbol is near enough: decided without numpy
     values = np.asarray(symbols, dtype=np.int64) - np.asarray(offsets, dtype=np.int64)[indexes]
     tops = np.asarray(cdf_sizes, dtype=np.int64)[indexes] - 2
-    outside = np.where(values < 0, -values, values - tops + 1)  # <= 0 inside the table
+    outside = np.where(values < 0, -values, values - tops + 1)  # raw ~ 2 * outside
     bad = np.flatnonzero(outside > MAX_OUTLIER)
     if bad.size:
         raise EncodeError(
