@@ -36,7 +36,10 @@ def trained(tmp_path_factory, module_env) -> dict:
             train(TrainConfig.from_dict({
                 "codec": name, "N": N, "M": latent_channels(name), "patch_size": 64,
                 "batch_size": 2, "epochs": 1, "epoch_length": 4, "max_val_images": 1,
-                "max_side": 128, "checkpoint_dir": str(folder / name)}))
+                "max_side": 128, "checkpoint_dir": str(folder / name),
+                # torch 2.14.1 corrupts the heap in cheng2020's backward under channels_last
+                # (a hang or "double free" within a few steps): not yet solved, see the report.
+                "channels_last": name not in N_ONLY_CODECS}))
     return {name: folder / name / "best.pt" for name in CODECS}
 
 

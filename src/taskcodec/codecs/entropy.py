@@ -200,7 +200,6 @@ def check_codable(symbols: Sequence[int], indexes: Sequence[int], cdf_sizes: Seq
 
 
 class CodingSession:
-class CodingSession:
     """Shared by the entropy models of one layer: who may decode natively, and the digest.
 
     Outside :meth:`encoding` every decode is of an untrusted string (the safe decoder).
