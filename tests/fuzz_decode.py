@@ -320,7 +320,7 @@ def run_atheris(argv: list[str]) -> None:
     # compressai and their dependencies too, and run far slower).
     for func in (bitstream.unpack, bitstream._parse_header, bitstream._Reader.varint,
                  bitstream._Reader.take, bitstream._Reader.count, bitstream._Reader.text,
-                 entropy.rans_decode, loading.LoadedCodec.read, loading.LoadedCodec.decompress,
+                 entropy.RansStream.decode, loading.LoadedCodec.read, loading.LoadedCodec.decompress,
                  loading.LoadedCodec.check_bounds, loading.LoadedCodec._check_digests):
         atheris.instrument_func(func)
     corpus = [d for d in argv[1:] if not d.startswith("-")]

@@ -355,22 +355,31 @@ def test_compressai_eval_model_reads_a_taskcodec_checkpoint_as_it_is(checkpoints
 
 
 def test_compressai_checkpoints_are_evaluated_coded_and_recognised(tmp_path, photo, big_photo):
-    from compressai.models import FactorizedPrior, MeanScaleHyperprior, ScaleHyperprior
+    from compressai import models
 
     from taskcodec.codecs.loading import load_codec
 
     torch.manual_seed(0)
-    for cls, name, key in ((ScaleHyperprior, "bmshj2018-hyperprior", "state_dict"),
-                           (MeanScaleHyperprior, "mbt2018-mean", "network"),
-                           (FactorizedPrior, "bmshj2018-factorized", None)):
-        net = cls(N=8, M=12).eval()
+    # The whole fixed-rate zoo, each under one of the keys CompressAI's tools write. The
+    # autoregressive ones are coded serially by CompressAI's own code on its side.
+    for cls, sizes, name, key in (
+            (models.ScaleHyperprior, {"M": 12}, "bmshj2018-hyperprior", "state_dict"),
+            (models.MeanScaleHyperprior, {"M": 12}, "mbt2018-mean", "network"),
+            (models.FactorizedPrior, {"M": 12}, "bmshj2018-factorized", None),
+            (models.FactorizedPriorReLU, {"M": 12}, "bmshj2018-factorized-relu",
+             "model_state_dict"),
+            (models.JointAutoregressiveHierarchicalPriors, {"M": 12}, "mbt2018", "state_dict"),
+            (models.Cheng2020Anchor, {}, "cheng2020-anchor", None),
+            (models.Cheng2020Attention, {}, "cheng2020-attn", "network")):
+        net = cls(N=8, **sizes).eval()
         net.update(force=True)
         path = tmp_path / f"{name}.pth.tar"
         # examples/train.py's layout (or a plain state dict)
         torch.save({"epoch": 3, key: net.state_dict(), "loss": 1.0} if key else net.state_dict(),
                    path)
         codec = load_codec(str(path))
-        assert (codec.name, codec.model_args["N"], codec.model_args["M"]) == (name, 8, 12)
+        assert (codec.name, codec.model_args["N"], codec.model_args["M"]) == \
+            (name, 8, sizes.get("M", 8))
         theirs = _compressai_inference(net, big_photo)
         _, payload_bpp, ours_psnr = _taskcodec_measure(codec, big_photo)
         assert theirs["bpp"] == pytest.approx(payload_bpp, abs=1e-9)
@@ -414,3 +423,46 @@ def test_a_compressai_zoo_name_is_read_from_the_torch_hub_cache_only(tmp_path, p
     bad = CliRunner().invoke(cli, ["compress", str(photo), "-o", str(out), "-c",
                                    "compressai:bmshj2018-hyperprior:x"])
     assert bad.exit_code == 2 and "not a CompressAI zoo model" in bad.output, bad.output
+
+
+def test_the_zoos_context_models_are_read_by_name_and_one_without_weights_is_named(tmp_path,
+                                                                                   monkeypatch):
+    from compressai import models
+
+    from taskcodec.checkpoints import zoo_path
+    from taskcodec.codecs.loading import load_codec
+    from taskcodec.errors import CheckpointError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for ref, net in (("compressai:mbt2018:2", models.JointAutoregressiveHierarchicalPriors(8, 8)),
+                     ("compressai:cheng2020-anchor:6", models.Cheng2020Anchor(8)),
+                     ("compressai:cheng2020-attn:1:ms-ssim", models.Cheng2020Attention(8))):
+        path = zoo_path(ref)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)  # the zoo's files are plain state dicts
+        assert load_codec(ref).name == ref.split(":")[1]
+    for ref, says in (("compressai:bmshj2018-factorized-relu:3",
+                       "CompressAI publishes no weights for bmshj2018-factorized-relu (train one: "
+                       "taskcodec train --codec bmshj2018-factorized-relu)"),
+                      ("compressai:cheng2020-anchor:7", "not a CompressAI zoo model")):
+        with pytest.raises(CheckpointError) as err:
+            load_codec(ref)
+        assert says in str(err.value)
+
+
+def test_weights_that_fit_two_registered_codecs_ask_for_codec(tmp_path, monkeypatch):
+    from compressai.models import FactorizedPrior
+
+    from taskcodec.codecs import CODECS
+    from taskcodec.codecs.loading import load_codec
+    from taskcodec.errors import CheckpointError
+
+    # No two zoo models share their weights' names and shapes; a twin registered here does.
+    monkeypatch.setitem(CODECS._builders, "factorized-twin", CODECS.get("bmshj2018-factorized"))
+    path = tmp_path / "weights.pth.tar"
+    torch.save(FactorizedPrior(N=8, M=8).state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"CompressAI weights that fit bmshj2018-factorized, "
+                                              r"factorized-twin of the registered codecs; name it "
+                                              r"with --codec$"):
+        load_codec(str(path))
+    assert load_codec(str(path), codec="factorized-twin").name == "factorized-twin"

@@ -57,7 +57,8 @@ def test_unknown_keys_are_named_with_the_known_ones():
      "patch_size=96 must be a multiple of 64 for codec=mbt2018-mean (its hyperprior "
      "downsamples by 64)"),
     ({"codec": "jpeg"}, "codec='jpeg' is not one of: bmshj2018-factorized, "
-                        "bmshj2018-hyperprior, mbt2018-mean, bmshj2018-hyperprior-vbr, "
+                        "bmshj2018-factorized-relu, bmshj2018-hyperprior, mbt2018-mean, mbt2018, "
+                        "cheng2020-anchor, cheng2020-attn, bmshj2018-hyperprior-vbr, "
                         "mbt2018-mean-vbr"),
     ({"metric": "ssim"}, "metric='ssim' is not one of: mse, ms-ssim"),
     ({"monitor": "val_mAP"}, "monitor='val_mAP' is not one of: val_loss, val_bpp, val_psnr, "
@@ -143,7 +144,8 @@ def test_click_choices_are_usage_errors_that_list_the_choices():
     result = CliRunner().invoke(cli, ["train", "--codec", "jpeg"])
     assert result.exit_code == 2
     assert ("Invalid value for '--codec': 'jpeg' is not one of 'bmshj2018-factorized', "
-            "'bmshj2018-hyperprior', 'mbt2018-mean'") in result.stderr
+            "'bmshj2018-factorized-relu', 'bmshj2018-hyperprior', 'mbt2018-mean', 'mbt2018', "
+            "'cheng2020-anchor', 'cheng2020-attn'") in result.stderr
     result = CliRunner().invoke(cli, ["train", "--lmbada", "1"])
     assert result.exit_code == 2 and "No such option '--lmbada'" in result.stderr
 

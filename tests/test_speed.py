@@ -167,3 +167,14 @@ def test_max_minutes_ends_the_budget_inside_an_epoch():
     assert _budget_used(config, TrainState(seconds=89.0), steps_only=True) == ""
     assert _budget_used(config, TrainState(seconds=90.0), steps_only=True) == (
         "1.5 minutes of max_minutes=1.5")
+
+
+def test_cheng2020_trains_in_the_default_layout_whatever_channels_last_says(caplog):
+    from taskcodec import speed
+    from taskcodec.config import TrainConfig
+
+    cheng = TrainConfig(codec="cheng2020-anchor", N=8, M=8, channels_last=True)
+    assert speed.channels_last_for(cheng) is False
+    assert "channels_last is off for codec=cheng2020-anchor" in caplog.text
+    assert speed.channels_last_for(TrainConfig(codec="mbt2018", channels_last=True)) is True
+    assert speed.channels_last_for(TrainConfig(codec="mbt2018", channels_last=False)) is False

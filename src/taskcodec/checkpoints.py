@@ -131,7 +131,7 @@ def from_compressai(state: dict[str, Any], codec: str, source: str) -> dict[str,
 
 def zoo_path(ref: str) -> tuple[str, Path]:
     """(architecture, file in the torch hub cache) of ``compressai:ARCH:QUALITY[:METRIC]``."""
-    from compressai.zoo.image import model_urls
+    from compressai.zoo.image import cfgs, model_urls
 
     parts = ref[len(ZOO_PREFIX):].split(":")
     arch, quality, metric = (*parts, "mse")[:3] if len(parts) == 2 else (*parts, "", "")[:3]
@@ -140,6 +140,9 @@ def zoo_path(ref: str) -> tuple[str, Path]:
             raise ValueError
         url = model_urls[arch][metric][int(quality)]
     except (KeyError, ValueError):
+        if arch in cfgs and arch not in model_urls:  # in CompressAI's zoo, never trained there
+            raise CheckpointError(f"{ref!r}: CompressAI publishes no weights for {arch} (train "
+                                  f"one: taskcodec train --codec {arch})") from None
         raise CheckpointError(f"{ref!r}: not a CompressAI zoo model (write "
                               "compressai:ARCH:QUALITY[:METRIC], e.g. "
                               "compressai:bmshj2018-hyperprior:3)") from None

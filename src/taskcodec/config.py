@@ -136,7 +136,12 @@ def _type_of(f: dataclasses.Field) -> type:
     return kind
 
 
-CODEC_NAMES = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean")
+CODEC_NAMES = ("bmshj2018-factorized", "bmshj2018-factorized-relu", "bmshj2018-hyperprior",
+               "mbt2018-mean", "mbt2018", "cheng2020-anchor", "cheng2020-attn")
+#: Codecs without a hyperprior: they downsample by 16 only.
+FACTORIZED_CODECS = ("bmshj2018-factorized", "bmshj2018-factorized-relu")
+#: Codecs whose one size parameter is N (their latent has N channels; CompressAI's cheng2020).
+N_ONLY_CODECS = ("cheng2020-anchor", "cheng2020-attn")
 #: The classical codecs (Pillow: taskcodec.baselines) evaluate measures beside a learned one and
 #: compare draws as curves: name -> label.
 ANCHORS = {"jpeg": "JPEG", "webp": "WebP", "avif": "AVIF"}
@@ -153,6 +158,8 @@ def parse_anchors(text: str, where: str) -> tuple[str, ...]:
             raise ConfigError(f"{where}: {name!r} is not an anchor (choose from "
                               f"{', '.join(ANCHORS)}, or none)")
     return tuple(dict.fromkeys(names))
+
+
 #: How much the codecs downsample in all (the hyperprior's 64): inputs are padded to, and
 #: training crops are, a multiple of this.
 PAD_MULTIPLE = 64
@@ -278,10 +285,14 @@ class TrainConfig(LoopConfig):
     monitors: ClassVar[tuple[str, ...]] = ("val_loss", "val_bpp", "val_psnr", "val_ms_ssim")
     architecture: ClassVar[tuple[str, ...]] = ("codec", "N", "M")
 
-    codec: str = opt("bmshj2018-factorized", "codec architecture from the registry",
+    codec: str = opt("bmshj2018-factorized", "codec architecture from the registry, sized by N "
+                     "and M (cheng2020-*: N alone); mbt2018 and cheng2020-* decode serially "
+                     "(autoregressive context: slow on large images)",
                      choices=CODEC_NAMES)
-    N: int = opt(128, "channels of the transforms (CompressAI's N)", min=1, max=1024)
-    M: int = opt(192, "channels of the latent (CompressAI's M)", min=1, max=1024)
+    N: int = opt(128, "channels of the transforms (CompressAI's N; cheng2020-*: of the latent "
+                 "too)", min=1, max=1024)
+    M: int = opt(192, "channels of the latent (CompressAI's M; cheng2020-* have none: leave it "
+                 "out or equal to N)", min=1, max=1024)
     lmbda: float = opt(0.0130, "rate-distortion trade-off: loss = bpp + lmbda * D",
                        min=0, min_exclusive=True, max=1e4)
     metric: str = opt("mse", "distortion D: mse (on the 255^2 scale) or ms-ssim (1 - MS-SSIM)",
@@ -312,9 +323,13 @@ class TrainConfig(LoopConfig):
     def check(self) -> None:
         super().check()
         # The hyperprior downsamples the latent 4 more times: other crops fail mid-training.
-        if self.codec != "bmshj2018-factorized" and self.patch_size % PAD_MULTIPLE:
+        if self.codec not in FACTORIZED_CODECS and self.patch_size % PAD_MULTIPLE:
             raise ConfigError(f"patch_size={self.patch_size} must be a multiple of {PAD_MULTIPLE} "
                               f"for codec={self.codec} (its hyperprior downsamples by {PAD_MULTIPLE})")
+        # M's default stands for "not given": the cheng2020 models are sized by N alone.
+        if self.codec in N_ONLY_CODECS and self.M not in (self.N, type(self).M):
+            raise ConfigError(f"M={self.M} is not a size of codec={self.codec}: its latent has "
+                              f"N={self.N} channels (leave M out, or set it equal to N)")
         if self.vbr_lambdas:
             if self.codec not in VBR_CODEC_NAMES:
                 raise ConfigError(f"vbr_lambdas is for the variable-rate codecs "

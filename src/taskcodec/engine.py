@@ -328,7 +328,8 @@ class Trainer:
         self.model_args = ckpt["model_args"] if ckpt and "model_args" in ckpt \
             else recipe.model_args()
         model = recipe.build_model(self.model_args).to(self.device)
-        if config.channels_last:
+        self.channels_last = speed.channels_last_for(config)
+        if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer, aux_optimizer = configure_optimizers(recipe.trainable(model), config.lr,
                                                         config.aux_lr)
@@ -419,7 +420,7 @@ class Trainer:
         if self.compiled:
             self.ddp_model = speed.compile_module(self.ddp_model)
         log.info("speed switches: compile=%s, channels_last=%s, precision=%s, tf32=%s",
-                 self.compiled, config.channels_last, self.precision,
+                 self.compiled, self.channels_last, self.precision,
                  config.tf32 and self.device.type == "cuda")
         # what ran, where a setting is "auto" (precision=auto is bf16 only on a GPU that has it)
         self.logger.set_tags({"precision_used": self.precision, "compiled": str(self.compiled)})
@@ -470,7 +471,7 @@ class Trainer:
             step_start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             aux_optimizer.zero_grad(set_to_none=True)
-            if config.channels_last:
+            if self.channels_last:
                 batch = speed.channels_last(batch)
             if config.lr_scheduler == "warmup-cosine":
                 self._set_lr(started)

@@ -26,6 +26,10 @@ class DesyncError(BitstreamError):
     """A file decoded to other symbols than its encoder coded: the entropy parameters differ."""
 
 
+class EncodeError(TaskcodecError):
+    """An image cannot be entropy-coded with these weights (a latent beyond the coder's range)."""
+
+
 class CheckpointError(TaskcodecError):
     """A checkpoint cannot be found or loaded."""
 

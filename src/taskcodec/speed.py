@@ -127,6 +127,23 @@ def _fp32_forward(forward):
     return wrapped
 
 
+#: Codecs trained in the default memory layout whatever --channels-last says: torch's CPU
+#: backward of CompressAI's cheng2020 models in channels_last hung or crashed ("double free or
+#: corruption") in three of four runs here (torch 2.14.1); mbt2018 is not affected.
+CHANNELS_FIRST_CODECS = ("cheng2020-anchor", "cheng2020-attn")
+
+
+def channels_last_for(config) -> bool:
+    """Whether a training of ``config`` runs in channels_last (off, with a warning, for the
+    :data:`CHANNELS_FIRST_CODECS`)."""
+    codec = getattr(config, "codec", "")
+    if config.channels_last and codec in CHANNELS_FIRST_CODECS:
+        log.warning("channels_last is off for codec=%s: torch's backward of this model hangs "
+                    "or crashes in channels_last on a CPU", codec)
+        return False
+    return bool(config.channels_last)
+
+
 def channels_last(batch):
     """A 4-D image batch (or the 4-D tensors of a tuple/list batch) in channels_last layout."""
     if isinstance(batch, torch.Tensor):

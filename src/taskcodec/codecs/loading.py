@@ -43,14 +43,20 @@ LATENT_STRIDE, HYPER_STRIDE = 16, 64
 def layer_layout(part: nn.Module, height: int, width: int) -> tuple[int, tuple[int, int]]:
     """(number of strings, latent shape) that ``part.compress`` writes for a padded image.
 
-    A part with a Gaussian conditional is a hyperprior: strings (y, z), shape of z at 1/64;
-    otherwise a factorized prior: one string, shape of y at 1/16.
+    Every entropy model of the part writes one string (y; y and z; ...). The shape is that of
+    the latent decoded first, from which the others' follow: the model's own
+    ``downsampling_factor`` where it declares one (every CompressAI zoo model: 16 for the
+    factorized priors, 64 for the hyperpriors and context models), else z at 1/64 when a
+    Gaussian conditional needs a hyperprior, y at 1/16 otherwise.
     """
-    from compressai.entropy_models import GaussianConditional
+    from compressai.entropy_models import EntropyModel, GaussianConditional
 
-    hyper = any(isinstance(m, GaussianConditional) for m in part.modules())
-    stride = HYPER_STRIDE if hyper else LATENT_STRIDE
-    return (2 if hyper else 1), (height // stride, width // stride)
+    models = [m for m in part.modules() if isinstance(m, EntropyModel)]
+    stride = getattr(part, "downsampling_factor", None)
+    if not isinstance(stride, int):
+        hyper = any(isinstance(m, GaussianConditional) for m in models)
+        stride = HYPER_STRIDE if hyper else LATENT_STRIDE
+    return len(models), (height // stride, width // stride)
 
 
 def _first_line(err: BaseException) -> str:
