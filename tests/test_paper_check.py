@@ -92,6 +92,6 @@ def test_the_whole_check_at_toy_size_reports_and_logs(tmp_path, torch_one_thread
     logged = {a.path.split("/")[-1] for a in client.list_artifacts(result.run_id, "paper-check")}
     assert {"report.md", "hypotheses.png", "hypotheses.json", "rd_psnr.png"} <= logged
     evaluated = [client.get_run(i) for i in run.data.tags["compared_run_ids"].split(",")]
-    assert len(evaluated) == 2 * 2 * 5
+    assert len(evaluated) == 2 * 2 * (1 + len(pc.METHODS))  # seeds x bases x (base + methods)
     assert {(r.data.params["data_seed"], r.data.params["images"]) for r in evaluated} == {
         ("1000", "2")}

@@ -199,7 +199,7 @@ def log_model(ckpt_path: Path, run_id: str, uri: str | None = None) -> str:
     from mlflow.models import Model
 
     from taskcodec import checkpoints
-    from taskcodec.codecs.loading import _header_name
+    from taskcodec.codecs.loading import header_name
 
     client = _client(uri)
     ckpt = checkpoints.load(ckpt_path)
@@ -214,7 +214,7 @@ def log_model(ckpt_path: Path, run_id: str, uri: str | None = None) -> str:
     # Made here, in the run's experiment: left to Model.log, a model logged after the run
     # ended (taskcodec register) would go to whatever experiment this process points at.
     model = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name=_header_name(args, slim["config"]),
+        experiment_id=run.info.experiment_id, name=header_name(args, slim["config"]),
         source_run_id=run_id, params=dict(run.data.params), model_type=f"taskcodec-{kind}",
         tags={"fingerprint": fingerprint, "kind": kind,
               "taskcodec_version": str(slim.get("taskcodec_version", ""))})
