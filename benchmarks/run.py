@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                         "figure is taken at 10; the default keeps make bench near 20 min)")
     parser.add_argument("--ttq-lambdas", default="0.0035,0.0067,0.013,0.025",
                         help="benchmark 8: comma-separated lambdas (the same for both sides)")
+    parser.add_argument("--ttq-size", default="64,96", metavar="N,M",
+                        help="benchmark 8: the model's N,M on both sides (default: the toy size "
+                        "of benchmarks 1 and 7; 128,192 is CompressAI's quality 3, which gets "
+                        "only a few hundred steps in 10 min on one thread here)")
     parser.add_argument("--ckpt-steps", type=int, default=1500,
                         help="training steps of the checkpoint benchmarks 2, 3 and 9 code with")
     args = parser.parse_args(argv)
@@ -186,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
                     compile_model=not args.no_compile))
             if "ttq" in chosen and _have_kodak(coding, "benchmark 8"):
                 lambdas = tuple(float(v) for v in args.ttq_lambdas.split(","))
+                n, m = (int(v) for v in args.ttq_size.split(","))
                 produced.append(speed.bench_time_to_quality(
-                    ctx, minutes=args.ttq_minutes, lambdas=lambdas,
+                    ctx, minutes=args.ttq_minutes, lambdas=lambdas, N=n, M=m,
                     kodak_limit=args.kodak_images))
             if "cli" in chosen and _have_kodak(coding, "benchmark 9"):
                 ckpt = ctx.get("ckpt") or make_checkpoint(ctx, steps=args.ckpt_steps)

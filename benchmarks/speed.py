@@ -176,7 +176,7 @@ def bench_time_to_quality(ctx: dict, *, minutes: float, lambdas=TTQ_LAMBDAS, N: 
         f"{len(images)} Kodak images; BD figures are taskcodec vs the plain recipe (negative "
         "BD-rate / positive BD-PSNR: taskcodec is better at equal time).",
         f"plain: CompressAI examples/train.py defaults {PLAIN_RECIPE} in the hand loop; "
-        "taskcodec: `taskcodec train --recipe short-cpu --max-minutes M` (lr 5e-4, warm-up "
+        "taskcodec: `taskcodec train --recipe short-cpu --max-minutes M` (lr 2e-3, warm-up "
         "100 steps, cosine to lr/10 at the end of the budget, 128-px crops, batch 8, "
         "real-bitstream RD check every epoch of 2000 crops); model "
         f"{CODEC} N={N} M={M} on both sides; taskcodec's last checkpoint is coded.",

@@ -134,7 +134,7 @@ def test_recipe_through_the_cli_survives_mlprojects_default_parameters():
     config = build_config(TrainConfig, {"recipe": "short-cpu", "lr": "0.0001",
                                         "batch_size": "8.0", "patch_size": "256.0",
                                         "lmbda": "0.05", "N": None})
-    assert (config.lr, config.patch_size, config.lmbda, config.N) == (5e-4, 128, 0.05, 128)
+    assert (config.lr, config.patch_size, config.lmbda, config.N) == (SHORT_CPU["lr"], 128, 0.05, 128)
     assert build_config(TrainConfig, {"recipe": "short-cpu", "lr": "2e-4"}).lr == 2e-4
 
 
