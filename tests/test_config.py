@@ -263,6 +263,10 @@ MLPROJECT_LEFT_OUT = {
         "output_dir",  # a folder on the machine that runs it; the files are artifacts anyway
     },
     "compare": {"run_name"},  # `mlflow run --run-name`: compare logs into mlflow's run
+    # As train: the architecture comes from --init-from unless given; the run is mlflow's.
+    "train-base": {"task", "entropy_model", "N", "M", "run_name", "resume"},
+    "train-enhancement": {"method", "target", "N", "M", "condition_decoder", "run_name",
+                          "resume"},
 }
 
 
@@ -288,13 +292,17 @@ def test_mlproject_passes_every_option_of_the_command_but_those_left_out(entry_p
     assert passed == [], f"{entry_point}: declared, yet listed as left out"
 
 
-@pytest.mark.parametrize(("entry_point", "given"), [
-    ("train", []), ("evaluate", ["--checkpoint", RUN_ID]), ("compare", [])])
-def test_mlproject_defaults_are_the_commands_defaults(entry_point, given):
+@pytest.mark.parametrize(("entry_point", "required"), [
+    ("train", {}), ("train-base", {}), ("train-enhancement", {"base_run": RUN_ID}),
+    ("evaluate", {"checkpoint": RUN_ID}), ("compare", {})])
+def test_mlproject_defaults_are_the_commands_defaults(entry_point, required):
     """The command as ``mlflow run -e ENTRY_POINT`` renders it with the declared defaults
     parses into what the command alone would take."""
+    from taskcodec import config as configs
+
     command = cli.commands[entry_point]
-    params = {"checkpoint": RUN_ID} if given else {}
+    given = [a for k, v in required.items() for a in (f"--{k.replace('_', '-')}", v)]
+    params = dict(required)
     rendered = command.make_context(entry_point, _rendered(entry_point, params)[1:]).params
     bare = command.make_context(entry_point, list(given)).params
 
@@ -306,7 +314,8 @@ def test_mlproject_defaults_are_the_commands_defaults(entry_point, given):
     if entry_point == "compare":
         assert settled(rendered) == settled(bare)
     else:
-        config_cls = TrainConfig if entry_point == "train" else EvalConfig
+        config_cls = next(c for c in vars(configs).values() if isinstance(c, type)
+                          and getattr(c, "entry_point", "") == entry_point)
         names = {f.name for f in config_cls.fields()}
         assert build_config(config_cls, {k: v for k, v in rendered.items() if k in names}) == \
             build_config(config_cls, {k: v for k, v in bare.items() if k in names})
@@ -325,6 +334,11 @@ def test_a_recipe_under_mlflow_run_logs_the_values_it_trains_with():
     config = build_config(TrainConfig, cli.commands["train"].make_context(
         "train", _rendered("train", {"recipe": "short-cpu"})[1:]).params)
     assert {k: getattr(config, k) for k in SHORT_CPU} == SHORT_CPU
+    from taskcodec.config import BaseConfig, EnhancementConfig
+
+    for cls in (BaseConfig, EnhancementConfig):  # their architecture, from --init-from
+        declared = load_project(str(ROOT)).get_entry_point(cls.entry_point).parameters
+        assert not set(declared) & set(cls.architecture), cls.entry_point
 
 
 def test_environment_does_not_leak_into_the_config(monkeypatch):
