@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -239,6 +240,105 @@ def test_mlproject_defaults_match_the_config_defaults():
     for name, declared in spec["entry_points"]["train"]["parameters"].items():
         if "default" in declared:
             assert TrainConfig.from_dict({name: declared["default"]}) == defaults, name
+
+
+#: Options an MLProject entry point does not declare, and why. Each still reaches the command
+#: as ``-P name=value`` (mlflow passes undeclared parameters on as ``--name value``), but mlflow
+#: logs every declared parameter's default as the run's param, before the command runs.
+MLPROJECT_LEFT_OUT = {
+    "train": {
+        # Taken from the --init-from checkpoint unless given.
+        "codec", "N", "M",
+        # Set by --recipe short-cpu beneath what is given: the default would be logged over
+        # the value the preset sets.
+        "lr", "lr_scheduler", "warmup_steps", "patch_size", "batch_size", "epoch_length",
+        "rd_every",
+        # Under `mlflow run` the run is mlflow's: named by `mlflow run --run-name`; continued
+        # with the launchers' --run-id (resume would leave mlflow's run empty).
+        "run_name", "resume",
+    },
+    "evaluate": {
+        "codec", "data", "split",  # from the checkpoint and the folder
+        "run_name",  # `mlflow run --run-name`
+        "output_dir",  # a folder on the machine that runs it; the files are artifacts anyway
+    },
+    "compare": {"run_name"},  # `mlflow run --run-name`: compare logs into mlflow's run
+    # As train: the architecture comes from --init-from unless given; the run is mlflow's.
+    "train-base": {"task", "entropy_model", "N", "M", "run_name", "resume"},
+    "train-enhancement": {"method", "target", "N", "M", "condition_decoder", "run_name",
+                          "resume"},
+}
+
+
+def _mlproject_options(entry_point: str) -> dict[str, str]:
+    """The command's options (by parameter name) -> the option in the entry point's command,
+    or "" where it has none."""
+    from mlflow.projects._project_spec import load_project
+
+    words = set(load_project(str(ROOT)).get_entry_point(entry_point).command.split())
+    command = cli.commands[entry_point]
+    return {p.name: next((o for o in p.opts if o in words), "")
+            for p in command.params if isinstance(p, click.Option) and p.name != "help"}
+
+
+@pytest.mark.parametrize("entry_point", sorted(MLPROJECT_LEFT_OUT))
+def test_mlproject_passes_every_option_of_the_command_but_those_left_out(entry_point):
+    options = _mlproject_options(entry_point)
+    left_out = MLPROJECT_LEFT_OUT[entry_point]
+    assert left_out <= set(options), "an option left out that the command no longer has"
+    missing = sorted(n for n, o in options.items() if not o and n not in left_out)
+    assert missing == [], f"{entry_point}: declare these in MLProject or say why not"
+    passed = sorted(n for n, o in options.items() if o and n in left_out)
+    assert passed == [], f"{entry_point}: declared, yet listed as left out"
+
+
+@pytest.mark.parametrize(("entry_point", "required"), [
+    ("train", {}), ("train-base", {}), ("train-enhancement", {"base_run": RUN_ID}),
+    ("evaluate", {"checkpoint": RUN_ID}), ("compare", {})])
+def test_mlproject_defaults_are_the_commands_defaults(entry_point, required):
+    """The command as ``mlflow run -e ENTRY_POINT`` renders it with the declared defaults
+    parses into what the command alone would take."""
+    from taskcodec import config as configs
+
+    command = cli.commands[entry_point]
+    given = [a for k, v in required.items() for a in (f"--{k.replace('_', '-')}", v)]
+    params = dict(required)
+    rendered = command.make_context(entry_point, _rendered(entry_point, params)[1:]).params
+    bare = command.make_context(entry_point, list(given)).params
+
+    def settled(values: dict) -> dict:
+        # An empty MLProject parameter means "not given": the command drops empty list items.
+        return {k: tuple(x for x in v if x) if isinstance(v, tuple) else v
+                for k, v in values.items()}
+
+    if entry_point == "compare":
+        assert settled(rendered) == settled(bare)
+    else:
+        config_cls = next(c for c in vars(configs).values() if isinstance(c, type)
+                          and getattr(c, "entry_point", "") == entry_point)
+        names = {f.name for f in config_cls.fields()}
+        assert build_config(config_cls, {k: v for k, v in rendered.items() if k in names}) == \
+            build_config(config_cls, {k: v for k, v in bare.items() if k in names})
+
+
+def test_a_recipe_under_mlflow_run_logs_the_values_it_trains_with():
+    """mlflow logs the declared parameters before the command runs; none of them may be one
+    the recipe or the --init-from checkpoint would set."""
+    from mlflow.projects._project_spec import load_project
+
+    from taskcodec.config import SHORT_CPU
+
+    entry = load_project(str(ROOT)).get_entry_point("train")
+    logged, _ = entry.compute_parameters({"recipe": "short-cpu"}, None)
+    assert not set(logged) & (set(SHORT_CPU) | set(TrainConfig.architecture))
+    config = build_config(TrainConfig, cli.commands["train"].make_context(
+        "train", _rendered("train", {"recipe": "short-cpu"})[1:]).params)
+    assert {k: getattr(config, k) for k in SHORT_CPU} == SHORT_CPU
+    from taskcodec.config import BaseConfig, EnhancementConfig
+
+    for cls in (BaseConfig, EnhancementConfig):  # their architecture, from --init-from
+        declared = load_project(str(ROOT)).get_entry_point(cls.entry_point).parameters
+        assert not set(declared) & set(cls.architecture), cls.entry_point
 
 
 def test_environment_does_not_leak_into_the_config(monkeypatch):

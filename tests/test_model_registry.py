@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from taskcodec.errors import CheckpointError, ConfigError
 
 NAME = "tiny-codec"
+BASE = "registered-base-layer"
 TINY = {"N": 8, "M": 8, "patch_size": 32, "batch_size": 2, "max_val_images": 1,
         "max_side": 128, "log_every": 1, "epochs": 1, "epoch_length": 4, "max_steps": 2}
 SYSTEM_METRICS = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"
@@ -225,6 +226,45 @@ def test_training_and_evaluation_data_sets_are_run_inputs(registry, mlflow_serve
     assert inputs(registry["run_id"]) == {("embedded-train", "training"),
                                           ("embedded-val", "validation")}
     assert inputs(registry["eval_id"]) == {("embedded-val", "evaluation")}
+
+
+@pytest.mark.server
+def test_an_enhancement_on_a_registered_base_is_tagged_with_the_base_training_run(
+        mlflow_server, caplog):
+    """evaluate's base_run_id of a base given as models:/NAME/VERSION or models:/NAME@ALIAS: the
+    run that logged that version. Runs and versions made directly: the session's server costs
+    no training, and no store creation as a fresh sqlite file does (7-10 s here)."""
+    from taskcodec.evaluate import base_tags
+    from taskcodec.model_registry import MODEL_FINGERPRINT_TAG
+
+    uri = mlflow_server.uri
+    mlflow = client(uri)
+    experiment = mlflow.create_experiment("registered-base")
+    runs = []
+    for fingerprint in ("f1", "f2"):
+        run_id = mlflow.create_run(experiment).info.run_id
+        mlflow.set_tag(run_id, MODEL_FINGERPRINT_TAG, fingerprint)
+        runs.append(run_id)
+    mlflow.create_registered_model(BASE)
+    for run_id in runs:
+        mlflow.create_model_version(BASE, f"runs:/{run_id}/model", run_id=run_id)
+    mlflow.set_registered_model_alias(BASE, "champion", "1")
+    first = {"base_model_uri": f"models:/{BASE}/1", "base_model": f"{BASE}/1",
+             "base_run_id": runs[0]}
+    assert base_tags(f"models:/{BASE}/1", "f1", uri) == first
+    assert base_tags(f"models:/{BASE}@champion", "f1", uri) == {
+        **first, "base_model_uri": f"models:/{BASE}@champion"}
+    # A checkpoint without the base fingerprint is taken at its word.
+    assert base_tags(f"models:/{BASE}/2", "", uri)["base_run_id"] == runs[1]
+    assert base_tags(runs[1], "f2", uri) == {"base_run_id": runs[1]}
+    assert base_tags("checkpoints/base.pt", "f1", uri) == {}
+    # The alias moved on after the enhancement was trained: no link to the wrong run.
+    mlflow.set_registered_model_alias(BASE, "champion", "2")
+    assert base_tags(f"models:/{BASE}@champion", "f1", uri) == {
+        "base_model_uri": f"models:/{BASE}@champion"}
+    assert "now holds other weights" in caplog.text
+    assert base_tags("models:/gone/1", "f1", uri) == {"base_model_uri": "models:/gone/1"}
+    assert "no registered model 'gone'" in caplog.text
 
 
 # -- without a server --------------------------------------------------------------------------

@@ -533,6 +533,33 @@ def test_init_from_takes_the_architecture_from_its_source_unless_given(tmp_path,
     assert after == before
 
 
+def test_cheng2020_says_M_is_N_in_its_params_checkpoint_and_logged_model(tmp_path, monkeypatch):
+    """cheng2020-* are sized by N alone: M is N wherever the architecture is written down, also
+    for a run started from a checkpoint that still carries M's default (192)."""
+    from taskcodec.checkpoints import save_atomic
+    from taskcodec.codecs import build_codec
+    from taskcodec.config import TrainConfig
+    from taskcodec.model_registry import MODEL_ID_TAG
+
+    config = TrainConfig.from_dict({"codec": "cheng2020-anchor", "N": 16})
+    assert (config.M, config.to_params()["M"]) == (16, "16")
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    source = save_atomic({"model": build_codec("cheng2020-anchor", N=8, M=8).state_dict(),
+                          "entry_point": "train",
+                          "config": {"codec": "cheng2020-anchor", "N": 8, "M": 192}},
+                         tmp_path / "cheng.pt")
+    # N is not given: it comes from the source; M follows it.
+    run_id = train_in_process(tmp_path, monkeypatch, codec="cheng2020-anchor", N=128, M=192,
+                              patch_size=64, max_steps=1, epochs=1, epoch_length=2,
+                              init_from=str(source), checkpoint_dir=str(tmp_path / "ckpt"))
+    run = client().get_run(run_id)
+    assert (run.data.params["N"], run.data.params["M"]) == ("8", "8")
+    last = load_checkpoint(tmp_path / "ckpt" / "last.pt")
+    assert (last["config"]["M"], last["model_args"]["M"]) == (8, 8)
+    model = client().get_logged_model(run.data.tags[MODEL_ID_TAG])
+    assert (model.params["N"], model.params["M"]) == ("8", "8")
+
+
 def test_early_stopping_ends_training_before_the_last_epoch(tmp_path, monkeypatch):
     # The weights cannot change at this learning rate, so validation never improves.
     run_id = train_in_process(tmp_path, monkeypatch, epochs=20, epoch_length=4, lr=1e-12, aux_lr=1e-12,

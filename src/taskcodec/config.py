@@ -121,6 +121,10 @@ class Config:
     def check(self) -> None:
         """Cross-field checks of a subclass."""
 
+    def derived(self) -> set[str]:
+        """Settings this config sets from its others (not given, so never in conflict)."""
+        return set()
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
@@ -333,11 +337,16 @@ class TrainConfig(LoopConfig):
         if self.codec in N_ONLY_CODECS and self.M not in (self.N, type(self).M):
             raise ConfigError(f"M={self.M} is not a size of codec={self.codec}: its latent has "
                               f"N={self.N} channels (leave M out, or set it equal to N)")
+        if self.codec in N_ONLY_CODECS:  # what the params, checkpoint and model then say
+            self.M = self.N
         if self.vbr_lambdas:
             if self.codec not in VBR_CODEC_NAMES:
                 raise ConfigError(f"vbr_lambdas is for the variable-rate codecs "
                                   f"({', '.join(VBR_CODEC_NAMES)}), not codec={self.codec}")
             parse_vbr_lambdas(self.vbr_lambdas)
+
+    def derived(self) -> set[str]:
+        return {"M"} if self.codec in N_ONLY_CODECS else set()
 
 
 def parse_vbr_lambdas(text: str) -> list[float]:

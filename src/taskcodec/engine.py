@@ -274,7 +274,7 @@ class Trainer:
             for f in cls.fields():
                 value = getattr(given, f.name)
                 if (f.name in _RESUMABLE or f.name in _IDENTITY or f.name in _PER_PROCESS
-                        or f.name not in stored
+                        or f.name not in stored or f.name in given.derived()
                         or value == defaults[f.name] or value == stored[f.name]):
                     continue
                 raise ConfigError(
@@ -307,6 +307,8 @@ class Trainer:
         for name in cls.architecture:
             if name not in stored or stored[name] == getattr(given, name):
                 continue
+            if name in given.derived():  # follows the rest (cheng2020's M: N)
+                continue
             if (stored[name], getattr(given, name)) in cls.fits_weights.get(name, ()):
                 continue
             if getattr(given, name) != defaults[name]:
@@ -316,7 +318,10 @@ class Trainer:
             adopted[name] = stored[name]
         if adopted:
             log.info("init_from %s: %s", where, ", ".join(f"{k}={v}" for k, v in adopted.items()))
-            self.config = cls.from_dict({**given.to_dict(), **adopted})
+            values = {**given.to_dict(), **adopted}
+            for name in given.derived() - set(adopted):  # to follow what was adopted
+                values.pop(name)
+            self.config = cls.from_dict(values)
             self.recipe = recipe_for(self.config)
         return ckpt
 

@@ -496,6 +496,28 @@ def rate_points(config: EvalConfig, codec: LoadedCodec) -> list[int | None]:
     return list(chosen)
 
 
+def base_tags(base_run: str, base_fingerprint: str, uri: str) -> dict[str, str]:
+    """Tags naming an enhancement's base layer: ``base_run_id``, its training run. A registered
+    base (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) is the run that logged the model
+    version, which ``base_model`` names, unless the alias has since moved to other weights."""
+    if not model_registry.is_model_uri(base_run):
+        return {"base_run_id": base_run} if len(base_run) == 32 else {}
+    tags = {"base_model_uri": base_run}
+    try:
+        model = model_registry.holding(base_run, base_fingerprint, uri)
+    except TaskcodecError as err:  # the evaluation stands without the link
+        log.warning("base run not tagged: %s", err)
+        return tags
+    if model is None:
+        log.warning("base run not tagged: %s now holds other weights than the base this "
+                    "checkpoint was trained on", base_run)
+        return tags
+    tags["base_model"] = f"{model.name}/{model.version}"
+    if model.run_id:
+        tags["base_run_id"] = model.run_id
+    return tags
+
+
 def _evaluate_at(config: EvalConfig, codec: LoadedCodec, uri: str, out_dir: Path | None = None,
                  rate: int | None = None, nested: bool = False) -> dict[str, Any]:
     """Evaluate ``codec`` (at rate point ``rate``) and log the results as one MLflow run."""
@@ -545,9 +567,8 @@ def _evaluate_at(config: EvalConfig, codec: LoadedCodec, uri: str, out_dir: Path
 
             method = method_of(codec.model_args)
             tags.update({"method": method, "target": info["target"], **method_tags(method)})
-            base_run = stored.get("base_run", "")
-            if len(base_run) == 32:
-                tags["base_run_id"] = base_run
+            tags.update(base_tags(str(stored.get("base_run", "")),
+                                  str(codec.model_args.get("base_fingerprint", "")), uri))
             tags["beta"] = str(base_config.get("beta", stored.get("beta", "")))
         else:
             tags.update({"method": f"base-{info['task']}-beta{float(stored.get('beta', 0)):g}",

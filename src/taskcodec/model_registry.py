@@ -156,6 +156,21 @@ def resolve(ref: str, uri: str | None = None) -> ModelVersionRef:
                            source=source)
 
 
+def holding(ref: str, fingerprint: str, uri: str | None = None) -> ModelVersionRef | None:
+    """The version ``ref`` names now if it holds the weights with ``fingerprint`` (as its
+    training run's tag says), else None: ``models:/NAME@ALIAS`` may have moved on since a
+    checkpoint took its weights from it."""
+    model = resolve(ref, uri)
+    if not fingerprint or not model.run_id:
+        return model
+    try:
+        logged = _client(uri).get_run(model.run_id).data.tags.get(MODEL_FINGERPRINT_TAG, "")
+    except Exception as err:
+        raise TrackingError(f"{ref}: cannot read its run {model.run_id}: "
+                            f"{_first_line(err)}") from None
+    return model if logged in ("", fingerprint) else None
+
+
 def download_checkpoint(ref: str, dst: Path, uri: str | None = None) -> tuple[Path,
                                                                               ModelVersionRef]:
     """The checkpoint file of the model version ``ref`` names, downloaded into ``dst``."""

@@ -28,6 +28,16 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     return tags
 
 
+def _optional_float(ctx, param, value: str) -> float | None:
+    """A number, or nothing for an empty value (an MLProject parameter left empty)."""
+    if not value.strip():
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a number", ctx=ctx, param=param) from None
+
+
 @click.command()
 @click.option("--experiment", "-e", default="", metavar="NAME",
               help="experiment to read runs from [default: $MLFLOW_EXPERIMENT_NAME or taskcodec]")
@@ -73,7 +83,7 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
               help="tag or param pairing runs (e.g. seed): BD-rate, BD-metric and ΔJ (bpp at "
                    "equal distortion) per seed against the same seed's anchor, then mean, sd, "
                    "t- and bootstrap intervals, effect size, t-test (implies --replicates-by)")
-@click.option("--equivalence-margin", type=float, default=None, metavar="X",
+@click.option("--equivalence-margin", default="", callback=_optional_float, metavar="X",
               help="with --pair-by: two one-sided tests of |mean| < X (in each quantity's "
                    "unit: % for BD-rate, dB for BD-PSNR, bpp for ΔJ)")
 @click.option("--bootstrap-images", type=click.IntRange(min=0), default=0, metavar="N",
@@ -82,9 +92,10 @@ def _parse_tags(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
                    "of single runs; from the per-image results evaluate logs) [default: 0, off]")
 @click.option("--bootstrap-seed", type=click.IntRange(min=0), default=0, show_default=True,
               metavar="SEED", help="seed of the image resamples (numpy's default generator)")
-@click.option("--pareto", is_flag=True,
+@click.option("--pareto", is_flag=False, flag_value="true", default="false", type=click.BOOL,
+              metavar="[BOOL]",
               help="BD between operational RD curves: each curve's Pareto front (the table "
-                   "names the points dropped)")
+                   "names the points dropped) [default: false]")
 @click.option("--output-dir", default="", metavar="DIR",
               help="also keep the plots, CSV and JSON files here")
 @click.option("--run-name", default="", metavar="NAME", help="name of the comparison run")
