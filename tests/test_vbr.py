@@ -85,7 +85,9 @@ def codec(trained) -> LoadedCodec:
 
 def test_the_variable_rate_codecs_have_the_configs_rate_points_and_compressais_lambdas():
     for name in VBR_CODEC_NAMES:
-        assert rate_levels(build_codec(name, N=8, M=8)) == VBR_LEVELS
+        model = build_codec(name, N=8, M=8)
+        assert rate_levels(model) == VBR_LEVELS
+        assert vbr_lambdas(name) == list(model.lmbda)  # the constant is CompressAI's list
     assert rate_levels(build_codec("bmshj2018-hyperprior", N=8, M=8)) == 0
     assert vbr_lambdas(CODEC) == [0.0018, 0.0035, 0.0067, 0.0130, 0.025, 0.0483, 0.0932, 0.18]
     assert vbr_lambdas("mbt2018-mean") == []

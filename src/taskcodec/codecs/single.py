@@ -24,7 +24,7 @@ from torch import nn
 
 from taskcodec.codecs.autoregressive import Cheng2020Anchor, Cheng2020Attention, Mbt2018, Mbt2018Vbr
 from taskcodec.codecs.registry import CODECS
-from taskcodec.config import PAD_MULTIPLE, VBR_CODEC_NAMES  # noqa: F401  (PAD_MULTIPLE: how much each codec downsamples)
+from taskcodec.config import PAD_MULTIPLE, VBR_CODEC_NAMES, VBR_LEVELS  # noqa: F401  (PAD_MULTIPLE: how much each codec downsamples)
 from taskcodec.errors import ConfigError
 
 
@@ -123,14 +123,18 @@ def rate_kwargs(model: nn.Module, rate: int | None, name: str, error: type[Excep
     return {"s": rate}
 
 
+#: λ of each rate point that CompressAI's vbr models set in ``__init__`` (compressai 1.2.8,
+#: pinned; a test checks them against a built model), lowest rate first.
+VBR_DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.025, 0.0483, 0.0932, 0.18)
+
+
 def vbr_lambdas(codec: str, text: str = "") -> list[float]:
     """λ of each rate point of the variable-rate ``codec`` ([] for a fixed-rate one): ``text``
-    (comma-separated, checked by the config) or the model's own (CompressAI's, 0.0018 .. 0.18)."""
+    (comma-separated, checked by the config) or CompressAI's (VBR_DEFAULT_LAMBDAS)."""
     if codec not in VBR_CODEC_NAMES:
         return []
-    model = CODECS.build(codec, N=1, M=1)  # the list is set by __init__: a tiny model tells it
-    lambdas = [float(v) for v in text.split(",")] if text.strip() else list(model.lmbda)
-    if len(lambdas) != rate_levels(model):
+    lambdas = [float(v) for v in text.split(",")] if text.strip() else list(VBR_DEFAULT_LAMBDAS)
+    if len(lambdas) != VBR_LEVELS:
         raise ConfigError(f"vbr_lambdas has {len(lambdas)} values; the model has "
-                          f"{rate_levels(model)} rate points")
+                          f"{VBR_LEVELS} rate points")
     return lambdas
