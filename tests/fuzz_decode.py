@@ -35,7 +35,11 @@ from taskcodec import bitstream
 from taskcodec.bitstream import Header, Layer
 from taskcodec.errors import BitstreamError
 
-KINDS = ("codec-factorized", "codec-hyperprior", "base", "scalable")
+KINDS = ("codec-factorized", "codec-hyperprior", "base", "scalable", "codec-mbt2018",
+         "codec-cheng2020")
+#: The autoregressive kinds: their y decodes one latent position at a time, each position's
+#: entropy parameters computed from the (possibly garbage) symbols decoded before it.
+CONTEXT_KINDS = ("codec-mbt2018", "codec-cheng2020")
 FUZZ_MAX_PIXELS = 256 * 256  # the decoder's limit under fuzzing: keeps each decode cheap
 REGRESSIONS = Path(__file__).parent / "fuzz-regressions"
 
@@ -47,6 +51,7 @@ def make_codecs() -> dict:
     """One tiny LoadedCodec per checkpoint kind, from seeded (untrained) weights."""
     from compressai.models import FactorizedPrior, MeanScaleHyperprior
 
+    from taskcodec.codecs.autoregressive import Cheng2020Anchor, Mbt2018
     from taskcodec.codecs.loading import LoadedCodec
     from taskcodec.codecs.rebuild import build_base, build_scalable
 
@@ -62,6 +67,8 @@ def make_codecs() -> dict:
         "base": ("base-classification", "base", build_base(base_args)),
         "scalable": ("scalable-conditional-reconstruction", "scalable",
                      build_scalable(scalable_args)),
+        "codec-mbt2018": ("mbt2018", "codec", Mbt2018(N=8, M=8)),
+        "codec-cheng2020": ("cheng2020-anchor", "codec", Cheng2020Anchor(N=8)),
     }
     codecs = {}
     for kind, (name, model_kind, model) in models.items():
@@ -250,10 +257,13 @@ def limit_memory(max_bytes: int) -> None:
 
 
 def run(mutants: int, seed: int, time_limit: float, current: Path | None = None,
-        save_dir: Path | None = None) -> int:
-    """Decode ``mutants`` mutants; return 0, or 1 after printing the first failure."""
+        save_dir: Path | None = None, context_share: float = 0.05) -> int:
+    """Decode ``mutants`` mutants, ``context_share`` of them of the autoregressive kinds (each
+    decode some ten times slower); return 0, or 1 after printing the first failure."""
     codecs = make_codecs()
     seeds = seed_files(codecs)
+    pools = ([s for s in seeds if s[0] not in CONTEXT_KINDS],
+             [s for s in seeds if s[0] in CONTEXT_KINDS])
     for kind, data in seeds:  # honest files decode (and their digests match)
         decode_strict(codecs[kind], data)
     for path in sorted(REGRESSIONS.glob("*.tcd")):  # what crashed before, first
@@ -268,7 +278,7 @@ def run(mutants: int, seed: int, time_limit: float, current: Path | None = None,
     outcomes = {"decoded": 0, "refused": 0}
     start = time.perf_counter()
     for n in range(mutants):
-        kind, data = rng.choice(seeds)
+        kind, data = rng.choice(pools[rng.random() < context_share])
         data = mutate(data, rng)
         if current is not None:
             current.write_bytes(bytes([KINDS.index(kind)]) + data)
@@ -313,14 +323,16 @@ def use_native_decoder(codecs: dict) -> None:
 def run_atheris(argv: list[str]) -> None:
     import atheris
 
-    from taskcodec.codecs import entropy, loading
+    from taskcodec.codecs import autoregressive, entropy, loading
 
     codecs = make_codecs()
     # Coverage of taskcodec's reading code only (instrumenting every import would take torch,
     # compressai and their dependencies too, and run far slower).
     for func in (bitstream.unpack, bitstream._parse_header, bitstream._Reader.varint,
                  bitstream._Reader.take, bitstream._Reader.count, bitstream._Reader.text,
-                 entropy.RansStream.decode, loading.LoadedCodec.read, loading.LoadedCodec.decompress,
+                 entropy.RansStream.decode, entropy.RansStream.close,
+                 autoregressive.SerialContextCoding._decompress_ar,
+                 loading.LoadedCodec.read, loading.LoadedCodec.decompress,
                  loading.LoadedCodec.check_bounds, loading.LoadedCodec._check_digests):
         atheris.instrument_func(func)
     corpus = [d for d in argv[1:] if not d.startswith("-")]
@@ -353,6 +365,8 @@ def main() -> int:
     parser.add_argument("--mutants", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=20.0, help="seconds per file")
+    parser.add_argument("--context-share", type=float, default=0.05,
+                        help="share of the mutants of the autoregressive (slow) kinds")
     parser.add_argument("--max-memory", type=float, default=4.0, help="GiB of address space")
     parser.add_argument("--save-dir", type=Path, default=None,
                         help="write a failing input here (KIND-seedS-N.tcd)")
@@ -375,7 +389,8 @@ def main() -> int:
             codecs = safe()
             use_native_decoder(codecs)
             return codecs
-    return run(args.mutants, args.seed, args.time_limit, args.current, args.save_dir)
+    return run(args.mutants, args.seed, args.time_limit, args.current, args.save_dir,
+               args.context_share)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ every kind of bad file ending in one ``Error:`` line, exit status 2 and no outpu
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -448,6 +449,43 @@ def test_the_zoos_context_models_are_read_by_name_and_one_without_weights_is_nam
         with pytest.raises(CheckpointError) as err:
             load_codec(ref)
         assert says in str(err.value)
+
+
+def test_the_zoos_variable_rate_models_are_read_by_name_without_quality(tmp_path, monkeypatch):
+    from compressai.models.vbr import JointAutoregressiveHierarchicalPriorsVbr, ScaleHyperpriorVbr
+
+    from taskcodec.checkpoints import zoo_path
+    from taskcodec.codecs.loading import load_codec
+    from taskcodec.errors import CheckpointError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    with pytest.raises(CheckpointError) as err:
+        load_codec("compressai:bmshj2018-hyperprior-vbr")
+    message = str(err.value)
+    assert str(hub / "bmshj2018-hyperprior-mse-vbr-cddd26be.pth.tar") in message
+    assert len(message.splitlines()) == 1
+    for ref, says in (("compressai:mbt2018-vbr:3", "mbt2018-vbr has one weight file for all its "
+                                                   "rates: no quality (write compressai:mbt2018-"
+                                                   "vbr, and choose the rate point with --rate)"),
+                      ("compressai:mbt2018-vbr:ms-ssim", "publishes mbt2018-vbr for mse only")):
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            zoo_path(ref)
+    # A state dict the test writes where the zoo's file would be: loaded, and codes at a rate.
+    hub.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(JointAutoregressiveHierarchicalPriorsVbr(8, 8).state_dict(),
+               zoo_path("compressai:mbt2018-vbr:mse")[1])
+    codec = load_codec("compressai:mbt2018-vbr")
+    assert (codec.name, codec.model_args["N"], codec.default_rate) == ("mbt2018-vbr", 8, 7)
+    x = torch.rand(1, 3, 32, 32)
+    assert codec.decompress(codec.compress(x, 2))["x_hat"].shape == x.shape
+    # CompressAI's published hyperprior-vbr weights carry a variable-rate hyper-latent
+    # bottleneck (vr_entbttlnck=True): refused in one line, not "fits no codec".
+    torch.save(ScaleHyperpriorVbr(8, 8, vr_entbttlnck=True).state_dict(),
+               zoo_path("compressai:bmshj2018-hyperprior-vbr")[1])
+    with pytest.raises(CheckpointError, match="vr_entbttlnck=True.*which taskcodec does not code$"):
+        load_codec("compressai:bmshj2018-hyperprior-vbr")
 
 
 def test_weights_that_fit_two_registered_codecs_ask_for_codec(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ N, M = 8, 12
 HYPERPRIORS = {"bmshj2018-hyperprior", "mbt2018-mean", "bmshj2018-hyperprior-vbr",
                "mbt2018-mean-vbr"}
 FACTORIZED = {"bmshj2018-factorized", "bmshj2018-factorized-relu"}
-AUTOREGRESSIVE = {"mbt2018", "cheng2020-anchor", "cheng2020-attn"}
+AUTOREGRESSIVE = {"mbt2018", "cheng2020-anchor", "cheng2020-attn", "mbt2018-vbr"}
 
 
 def latent_channels(name: str) -> int:
@@ -66,7 +66,7 @@ def test_registry_holds_the_compressai_zoo_and_the_config_offers_exactly_those()
     assert tuple(CODECS) == ("bmshj2018-factorized", "bmshj2018-factorized-relu",
                              "bmshj2018-hyperprior", "bmshj2018-hyperprior-vbr",
                              "cheng2020-anchor", "cheng2020-attn", "mbt2018", "mbt2018-mean",
-                             "mbt2018-mean-vbr")
+                             "mbt2018-mean-vbr", "mbt2018-vbr")
     assert set(CODEC_NAMES) == set(CODECS)
     codec_field = next(f for f in TrainConfig.fields() if f.name == "codec")
     assert set(codec_field.metadata["choices"]) == set(CODECS)
@@ -89,7 +89,7 @@ def test_unknown_codec_names_the_known_ones():
     assert str(err.value) == ("unknown codec 'bmshj2018' (known: bmshj2018-factorized, "
                               "bmshj2018-factorized-relu, bmshj2018-hyperprior, "
                               "bmshj2018-hyperprior-vbr, cheng2020-anchor, cheng2020-attn, "
-                              "mbt2018, mbt2018-mean, mbt2018-mean-vbr)")
+                              "mbt2018, mbt2018-mean, mbt2018-mean-vbr, mbt2018-vbr)")
 
 
 @pytest.mark.parametrize(("n", "m", "bad"), [(0, 8, 'N "0"'), (8, -1, 'M "-1"'), (8.0, 8, 'N "8.0"')])
@@ -116,7 +116,7 @@ def test_each_codec_takes_its_own_size_parameters_and_help_names_them():
         TrainConfig.from_dict({"codec": "mbt2018", "patch_size": 48})
     help_text = "".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
     assert "sizedbyNandM(cheng2020-*:Nalone)" in help_text  # wrapped at any space or hyphen
-    assert "mbt2018andcheng2020-*decodeserially" in help_text
+    assert "mbt2018(-vbr)andcheng2020-*decodeserially" in help_text
 
 
 # --- forward ---------------------------------------------------------------------------------
@@ -146,12 +146,17 @@ def test_forward_returns_x_hat_and_likelihoods_of_the_documented_shapes(name):
 
 def compressai_decode(codec: LoadedCodec, data: bytes) -> torch.Tensor:
     """CompressAI's own (native, serial) decoding of a file's strings, by its own class."""
-    from compressai.zoo.image import model_architectures
+    from compressai.zoo import image, image_vbr
 
-    reference = model_architectures[codec.name].from_state_dict(codec.model.state_dict()).eval()
-    _, (layer,) = bitstream.unpack(data)
+    architectures = {**image.model_architectures, **image_vbr.model_architectures}
+    reference = architectures[codec.name].from_state_dict(codec.model.state_dict()).eval()
+    # CompressAI's mbt2018-vbr decoder reads the raw context kernel, its encoder the masked one
+    context = reference.context_prediction
+    context.weight.data *= context.mask
+    header, (layer,) = bitstream.unpack(data)
     with torch.no_grad():
-        return reference.decompress(**layer.to_compressed())["x_hat"]
+        return reference.decompress(**layer.to_compressed(),
+                                    **codec.rate_kwargs(header.rate))["x_hat"]
 
 
 @pytest.mark.parametrize("name", list(CODECS))

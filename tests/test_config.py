@@ -60,7 +60,7 @@ def test_unknown_keys_are_named_with_the_known_ones():
     ({"codec": "jpeg"}, "codec='jpeg' is not one of: bmshj2018-factorized, "
                         "bmshj2018-factorized-relu, bmshj2018-hyperprior, mbt2018-mean, mbt2018, "
                         "cheng2020-anchor, cheng2020-attn, bmshj2018-hyperprior-vbr, "
-                        "mbt2018-mean-vbr"),
+                        "mbt2018-mean-vbr, mbt2018-vbr"),
     ({"metric": "ssim"}, "metric='ssim' is not one of: mse, ms-ssim"),
     ({"monitor": "val_mAP"}, "monitor='val_mAP' is not one of: val_loss, val_bpp, val_psnr, "
                              "val_ms_ssim"),

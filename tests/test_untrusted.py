@@ -133,6 +133,34 @@ def test_version_1_files_without_digests_still_decode(codecs, files):
         assert new_out.keys() == old_out.keys()
 
 
+@pytest.mark.timeout(120, method="thread")  # a hang fails the test instead of stalling the suite
+@pytest.mark.parametrize("kind", fuzz_decode.CONTEXT_KINDS)
+def test_a_context_models_truncated_or_corrupted_strings_decode_or_are_one_error_line(
+        codecs, files, kind):
+    # The position loop decodes y in steps, each step's tables chosen by the symbols before it:
+    # garbage symbols must steer it to a refusal (or some image), never past the string's end.
+    codec = codecs[kind]
+    header, (layer,) = bitstream.unpack(files[kind])
+    y, z = layer.strings
+    rng = random.Random(0)
+    strings = [(y[:n], z) for n in (0, 4, 8, len(y) // 2, len(y) - 4)]
+    strings += [(y, z[:-4]), (y, b""), (bytes(len(y)), z), (b"\xff" * len(y), z), (y[::-1], z),
+                (y + y, z), (y, y)]
+    strings += [(fuzz_decode._mutate_bytes(y, rng), z) for _ in range(8)]
+    refused = 0
+    for bad in strings:
+        data = bitstream.pack(header, [bitstream.Layer(layer.name, bad, layer.shape,
+                                                       layer.digest)])
+        try:
+            x_hat = codec.decompress(data)["x_hat"]
+        except BitstreamError as err:
+            assert len(str(err).splitlines()) == 1, str(err)
+            refused += 1
+        else:
+            assert x_hat.shape == (1, 3, 64, 64) and bool(torch.isfinite(x_hat).all())
+    assert refused >= len(strings) - 4  # almost every damaged string is caught
+
+
 # --- bounds before allocation ---------------------------------------------------------------
 
 

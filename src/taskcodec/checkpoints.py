@@ -10,8 +10,9 @@ checkpoint`` reads them.
 
 CompressAI checkpoints are read too: ``examples/train.py`` files (weights under ``state_dict``,
 ``network`` or ``model_state_dict``), plain state dicts, and zoo weights by name
-(``compressai:bmshj2018-hyperprior:3``) from the local torch hub cache. Their codec is the one
-given (``--codec``) or the one registered codec whose parameters the weights fit.
+(``compressai:bmshj2018-hyperprior:3``; a variable-rate model has one file for all its rates,
+so no quality: ``compressai:mbt2018-vbr``) from the local torch hub cache. Their codec is the
+one given (``--codec``) or the one registered codec whose parameters the weights fit.
 
 A reference (:func:`load_ref`) is a path, an MLflow run id, a registered model
 (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``: see :mod:`taskcodec.model_registry`) or a
@@ -111,6 +112,11 @@ def from_compressai(state: dict[str, Any], codec: str, source: str) -> dict[str,
     from taskcodec.codecs import CODECS, build_codec
 
     state = load_pretrained(dict(state))  # older CompressAI key names -> today's
+    if any(k.startswith("gayn2zqstep.") for k in state):
+        raise CheckpointError(f"{source}: variable-rate weights with a variable-rate hyper-latent "
+                              "bottleneck (CompressAI's vr_entbttlnck=True, as its published "
+                              "bmshj2018-hyperprior-vbr and mbt2018-mean-vbr weights), which "
+                              "taskcodec does not code")
     N, M = _sizes(state, source)
     if codec and codec not in CODECS:
         raise CheckpointError(f"unknown codec {codec!r} for {source} "
@@ -130,10 +136,14 @@ def from_compressai(state: dict[str, Any], codec: str, source: str) -> dict[str,
 
 
 def zoo_path(ref: str) -> tuple[str, Path]:
-    """(architecture, file in the torch hub cache) of ``compressai:ARCH:QUALITY[:METRIC]``."""
+    """(architecture, file in the torch hub cache) of ``compressai:ARCH:QUALITY[:METRIC]``, or
+    ``compressai:ARCH[:METRIC]`` for a variable-rate ARCH (one file for all its rates)."""
+    from compressai.zoo import image_vbr
     from compressai.zoo.image import cfgs, model_urls
 
     parts = ref[len(ZOO_PREFIX):].split(":")
+    if parts[0] in image_vbr.model_urls:
+        return parts[0], _vbr_zoo_path(ref, parts, image_vbr.model_urls[parts[0]])
     arch, quality, metric = (*parts, "mse")[:3] if len(parts) == 2 else (*parts, "", "")[:3]
     try:
         if len(parts) > 3:
@@ -147,6 +157,18 @@ def zoo_path(ref: str) -> tuple[str, Path]:
                               "compressai:ARCH:QUALITY[:METRIC], e.g. "
                               "compressai:bmshj2018-hyperprior:3)") from None
     return arch, Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _vbr_zoo_path(ref: str, parts: list[str], urls: dict[str, str]) -> Path:
+    if len(parts) > 2 or (len(parts) == 2 and parts[1].isdigit()):
+        raise CheckpointError(f"{ref!r}: {parts[0]} has one weight file for all its rates: no "
+                              f"quality (write {ZOO_PREFIX}{parts[0]}, and choose the rate point "
+                              "with --rate)")
+    metric = parts[1] if len(parts) == 2 else "mse"
+    if metric not in urls:
+        raise CheckpointError(f"{ref!r}: CompressAI publishes {parts[0]} for "
+                              f"{', '.join(urls)} only, not {metric!r}")
+    return Path(torch.hub.get_dir()) / "checkpoints" / urls[metric].rsplit("/", 1)[-1]
 
 
 def load_zoo(ref: str) -> dict[str, Any]:

@@ -169,7 +169,7 @@ def parse_anchors(text: str, where: str) -> tuple[str, ...]:
 PAD_MULTIPLE = 64
 #: Variable-rate codecs (one model, several rate points; see taskcodec.codecs.single) and
 #: their number of rate points (CompressAI's vbr models have 8 quantisation gains).
-VBR_CODEC_NAMES = ("bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr")
+VBR_CODEC_NAMES = ("bmshj2018-hyperprior-vbr", "mbt2018-mean-vbr", "mbt2018-vbr")
 VBR_LEVELS = 8
 CODEC_NAMES += VBR_CODEC_NAMES
 
@@ -293,7 +293,7 @@ class TrainConfig(LoopConfig):
     architecture: ClassVar[tuple[str, ...]] = ("codec", "N", "M")
 
     codec: str = opt("bmshj2018-factorized", "codec architecture from the registry, sized by N "
-                     "and M (cheng2020-*: N alone); mbt2018 and cheng2020-* decode serially "
+                     "and M (cheng2020-*: N alone); mbt2018(-vbr) and cheng2020-* decode serially "
                      "(autoregressive context: slow on large images)",
                      choices=CODEC_NAMES)
     N: int = opt(128, "channels of the transforms (CompressAI's N; cheng2020-*: of the latent "

@@ -16,6 +16,9 @@ no memory-safe decoding of an untrusted file, no symbol digest, no check of the 
 model's coder; one method computes a position's parameters for both, so the encoder and the
 decoder cannot drift apart. The bytes are those CompressAI writes, and its own decoder reads
 them (tested). Decoding is serial by nature: a position waits for those above and left of it.
+
+- mbt2018-vbr: Kamisli, Racapé and Choi (DCC 2024), mbt2018 at several rates with one set of
+  weights: its position loops also take the rate point's gain (see :class:`Mbt2018Vbr`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from compressai import models
 from compressai.entropy_models import GaussianConditional
 from compressai.layers import MaskedConv2d
+from compressai.models.vbr import JointAutoregressiveHierarchicalPriorsVbr
 from torch import Tensor
 
 from taskcodec.codecs import entropy
@@ -43,12 +47,14 @@ class SerialContextCoding:
     gaussian_conditional: GaussianConditional
 
     def _position_params(self, y_hat: Tensor, params: Tensor, h: int, w: int, kernel_size: int,
-                         weight: Tensor) -> tuple[Tensor, Tensor]:
+                         weight: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(scales, means), each 1xM, of position (h, w) of the padded ``y_hat``: from the
-        positions before it (``weight`` is the masked context kernel) and the hyper-decoder's
-        ``params``."""
+        positions before it (``weight`` is the masked context kernel, ``shift`` a variable-rate
+        model's term for its rate point) and the hyper-decoder's ``params``."""
         window = y_hat[:, :, h:h + kernel_size, w:w + kernel_size]
         context = F.conv2d(window, weight, bias=self.context_prediction.bias)
+        if shift is not None:
+            context = context + shift
         hyper = params[:, :, h:h + 1, w:w + 1]
         scales, means = self.entropy_parameters(torch.cat((hyper, context), dim=1)).chunk(2, 1)
         return scales.flatten(1), means.flatten(1)
@@ -99,3 +105,69 @@ class Cheng2020Anchor(SerialContextCoding, models.Cheng2020Anchor):
 
 class Cheng2020Attention(SerialContextCoding, models.Cheng2020Attention):
     """Cheng et al. 2020, with attention modules (size N: the latent has N channels too)."""
+
+
+class Mbt2018Vbr(SerialContextCoding, JointAutoregressiveHierarchicalPriorsVbr):
+    """Kamisli, Racapé and Choi, "Variable-Rate Learned Image Compression with Multi-Objective
+    Optimization and Quantization-Reconstruction Offsets" (DCC 2024): mbt2018 whose latent is
+    scaled by the rate point's gain before rounding, whose context is shifted by a learned
+    function of that gain, and whose reconstruction is moved off the bin centre (QuantABCD).
+
+    CompressAI's ``compress``/``decompress`` (1.2.8) call these two loops with the gain;
+    only its default path (stage 2, with offsets, ``ste_recursive``) is coded, the one its
+    ``forward`` trains. The bytes are those CompressAI writes; its own decoder reads them once
+    the context kernel is masked (its decoder, unlike its encoder, uses the raw kernel, which
+    only a stage-1 forward masks in place).
+    """
+
+    def _rate_terms(self, scale: Tensor, stage: int) -> Tensor:
+        if stage != 2 or self.no_quantoffset or not self.ste_recursive:
+            raise ValueError(f"{type(self).__name__} codes stage 2 with quantisation offsets "
+                             f"only, not stage={stage}")
+        return self.scale_to_context(scale.view(1, 1)).view(1, -1, 1, 1)
+
+    def _reconstruct(self, q: Tensor, scales: Tensor, means: Tensor, scale: Tensor,
+                     rescale: Tensor) -> Tensor:
+        """y of integer symbols ``q`` (1xM): the bin centre moved by the learned offset."""
+        q_abs, signs = q.abs(), torch.sign(q)
+        stdev = self.gaussian_conditional.lower_bound_scale(scales * scale).unsqueeze(2)
+        offsets = -self.QuantABCD(torch.cat((stdev, scale.expand(stdev.shape)), dim=2)).squeeze(2)
+        offsets[q_abs < 0.0001] = 0  # a zero stays zero
+        return signs * (q_abs + offsets) * rescale + means
+
+    def _compress_ar(self, y_hat: Tensor, params: Tensor, height: int, width: int,
+                     kernel_size: int, padding: int, scale: Tensor, rescale: Tensor,
+                     stage: int) -> bytes:
+        gc = self.gaussian_conditional
+        weight = self._masked_weight()
+        shift = self._rate_terms(scale, stage)
+        symbols: list[int] = []
+        indexes: list[int] = []
+        for h in range(height):
+            for w in range(width):
+                scales, means = self._position_params(y_hat, params, h, w, kernel_size, weight,
+                                                      shift)
+                centred = (y_hat[:, :, h + padding, w + padding] - means) * scale
+                q = torch.sign(centred) * torch.round(centred.abs())
+                y_hat[:, :, h + padding, w + padding] = self._reconstruct(q, scales, means, scale,
+                                                                          rescale)
+                symbols += q.int().flatten().tolist()
+                indexes += gc.build_indexes(scales * scale).flatten().tolist()
+        return gc.entropy_coder.encode_with_indexes(symbols, indexes, *self._tables())
+
+    def _decompress_ar(self, y_string: bytes, y_hat: Tensor, params: Tensor, height: int,
+                       width: int, kernel_size: int, padding: int, scale: Tensor,
+                       rescale: Tensor, stage: int) -> None:
+        gc = self.gaussian_conditional
+        weight = self._masked_weight()
+        shift = self._rate_terms(scale, stage)
+        stream = entropy.open_stream(gc, y_string, *self._tables())
+        for h in range(height):
+            for w in range(width):
+                scales, means = self._position_params(y_hat, params, h, w, kernel_size, weight,
+                                                      shift)
+                values = stream.decode(gc.build_indexes(scales * scale).flatten().tolist())
+                q = torch.tensor(values, dtype=torch.float32).reshape(means.shape)
+                y_hat[:, :, h + padding, w + padding] = self._reconstruct(q, scales, means, scale,
+                                                                          rescale)
+        stream.close()

@@ -7,8 +7,8 @@
   compression" (NeurIPS 2018), mean-scale hyperprior without the autoregressive context.
 - mbt2018: the same paper's full model, with the context (:mod:`taskcodec.codecs.autoregressive`).
 - cheng2020-anchor, cheng2020-attn: Cheng et al. (CVPR 2020), context models too.
-- bmshj2018-hyperprior-vbr, mbt2018-mean-vbr: the two hyperpriors coding at several rates with
-  one set of weights (see "variable-rate codecs" below).
+- bmshj2018-hyperprior-vbr, mbt2018-mean-vbr, mbt2018-vbr: the two hyperpriors and mbt2018
+  coding at several rates with one set of weights (see "variable-rate codecs" below).
 
 Sizes follow CompressAI's zoo (``compressai.zoo.image.cfgs``): N channels in the transforms and
 M in the latent; the cheng2020 models have N alone (their latent has N channels), so their
@@ -22,9 +22,9 @@ from compressai.models import FactorizedPrior, FactorizedPriorReLU, MeanScaleHyp
 from compressai.models.vbr import MeanScaleHyperpriorVbr, ScaleHyperpriorVbr
 from torch import nn
 
-from taskcodec.codecs.autoregressive import Cheng2020Anchor, Cheng2020Attention, Mbt2018
+from taskcodec.codecs.autoregressive import Cheng2020Anchor, Cheng2020Attention, Mbt2018, Mbt2018Vbr
 from taskcodec.codecs.registry import CODECS
-from taskcodec.config import PAD_MULTIPLE, VBR_CODEC_NAMES  # noqa: F401  (PAD_MULTIPLE: how much each codec downsamples)
+from taskcodec.config import PAD_MULTIPLE, VBR_CODEC_NAMES, VBR_LEVELS  # noqa: F401  (PAD_MULTIPLE: how much each codec downsamples)
 from taskcodec.errors import ConfigError
 
 
@@ -72,8 +72,8 @@ def cheng2020_attn(*, N: int, M: int) -> Cheng2020Attention:
 # inverse quantisation step) before rounding, and a small network (QuantABCD) moves each
 # reconstruction off the bin centre. The rate is an argument of forward/compress/decompress
 # (``s=``), not a weight: a file must say at which rate it was coded (its header does).
-# mbt2018-vbr (the autoregressive one) is not registered: it decodes serially and codes its
-# own rANS streams outside the entropy models, which taskcodec's safe decoder replaces.
+# mbt2018-vbr (the autoregressive one) decodes serially, through taskcodec's safe coder
+# (taskcodec.codecs.autoregressive.Mbt2018Vbr).
 # The hyper-latent keeps its fixed-step entropy bottleneck (vr_entbttlnck=False, CompressAI's
 # default when building): CompressAI's EntropyBottleneckVbr is not one of its EntropyModels.
 
@@ -86,6 +86,11 @@ def bmshj2018_hyperprior_vbr(*, N: int, M: int) -> ScaleHyperpriorVbr:
 @CODECS.register("mbt2018-mean-vbr")
 def mbt2018_mean_vbr(*, N: int, M: int) -> MeanScaleHyperpriorVbr:
     return MeanScaleHyperpriorVbr(N=N, M=M)
+
+
+@CODECS.register("mbt2018-vbr")
+def mbt2018_vbr(*, N: int, M: int) -> Mbt2018Vbr:
+    return Mbt2018Vbr(N=N, M=M)
 
 
 def rate_levels(model: nn.Module) -> int:
@@ -118,14 +123,18 @@ def rate_kwargs(model: nn.Module, rate: int | None, name: str, error: type[Excep
     return {"s": rate}
 
 
+#: λ of each rate point that CompressAI's vbr models set in ``__init__`` (compressai 1.2.8,
+#: pinned; a test checks them against a built model), lowest rate first.
+VBR_DEFAULT_LAMBDAS = (0.0018, 0.0035, 0.0067, 0.0130, 0.025, 0.0483, 0.0932, 0.18)
+
+
 def vbr_lambdas(codec: str, text: str = "") -> list[float]:
     """λ of each rate point of the variable-rate ``codec`` ([] for a fixed-rate one): ``text``
-    (comma-separated, checked by the config) or the model's own (CompressAI's, 0.0018 .. 0.18)."""
+    (comma-separated, checked by the config) or CompressAI's (VBR_DEFAULT_LAMBDAS)."""
     if codec not in VBR_CODEC_NAMES:
         return []
-    model = CODECS.build(codec, N=1, M=1)  # the list is set by __init__: a tiny model tells it
-    lambdas = [float(v) for v in text.split(",")] if text.strip() else list(model.lmbda)
-    if len(lambdas) != rate_levels(model):
+    lambdas = [float(v) for v in text.split(",")] if text.strip() else list(VBR_DEFAULT_LAMBDAS)
+    if len(lambdas) != VBR_LEVELS:
         raise ConfigError(f"vbr_lambdas has {len(lambdas)} values; the model has "
-                          f"{rate_levels(model)} rate points")
+                          f"{VBR_LEVELS} rate points")
     return lambdas
