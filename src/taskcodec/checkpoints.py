@@ -156,7 +156,12 @@ def zoo_path(ref: str) -> tuple[str, Path]:
         raise CheckpointError(f"{ref!r}: not a CompressAI zoo model (write "
                               "compressai:ARCH:QUALITY[:METRIC], e.g. "
                               "compressai:bmshj2018-hyperprior:3)") from None
-    return arch, Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return arch, _hub_file(url)
+
+
+def _hub_file(url: str) -> Path:
+    """Where torch hub keeps the weights of ``url`` (the file is never downloaded here)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
 def _vbr_zoo_path(ref: str, parts: list[str], urls: dict[str, str]) -> Path:
@@ -168,7 +173,7 @@ def _vbr_zoo_path(ref: str, parts: list[str], urls: dict[str, str]) -> Path:
     if metric not in urls:
         raise CheckpointError(f"{ref!r}: CompressAI publishes {parts[0]} for "
                               f"{', '.join(urls)} only, not {metric!r}")
-    return Path(torch.hub.get_dir()) / "checkpoints" / urls[metric].rsplit("/", 1)[-1]
+    return _hub_file(urls[metric])
 
 
 def load_zoo(ref: str) -> dict[str, Any]:

@@ -66,32 +66,50 @@ class SerialContextCoding:
     def _masked_weight(self) -> Tensor:
         return self.context_prediction.weight * self.context_prediction.mask
 
+    # What a variable-rate model changes per position (its ``rate`` arguments: CompressAI's
+    # gain, inverse gain and stage): a context shift, the symbols, the reconstruction, and
+    # the scales the entropy coder's table is chosen by. A fixed-rate model has none.
+    def _rate_shift(self, *rate) -> Tensor | None:
+        return None
+
+    def _symbols(self, y: Tensor, means: Tensor, *rate) -> Tensor:
+        return self.gaussian_conditional.quantize(y, "symbols", means)
+
+    def _reconstruct(self, q: Tensor, scales: Tensor, means: Tensor, *rate) -> Tensor:
+        return self.gaussian_conditional.dequantize(q, means)
+
+    def _coding_scales(self, scales: Tensor, *rate) -> Tensor:
+        return scales
+
     def _compress_ar(self, y_hat: Tensor, params: Tensor, height: int, width: int,
-                     kernel_size: int, padding: int) -> bytes:
+                     kernel_size: int, padding: int, *rate) -> bytes:
         gc = self.gaussian_conditional
-        weight = self._masked_weight()
+        weight, shift = self._masked_weight(), self._rate_shift(*rate)
         symbols: list[int] = []
         indexes: list[int] = []
         for h in range(height):
             for w in range(width):
-                scales, means = self._position_params(y_hat, params, h, w, kernel_size, weight)
-                q = gc.quantize(y_hat[:, :, h + padding, w + padding], "symbols", means)
-                y_hat[:, :, h + padding, w + padding] = gc.dequantize(q, means)
-                symbols += q.flatten().tolist()
-                indexes += gc.build_indexes(scales).flatten().tolist()
+                scales, means = self._position_params(y_hat, params, h, w, kernel_size, weight,
+                                                      shift)
+                q = self._symbols(y_hat[:, :, h + padding, w + padding], means, *rate)
+                y_hat[:, :, h + padding, w + padding] = self._reconstruct(q, scales, means, *rate)
+                symbols += q.int().flatten().tolist()
+                indexes += gc.build_indexes(self._coding_scales(scales, *rate)).flatten().tolist()
         return gc.entropy_coder.encode_with_indexes(symbols, indexes, *self._tables())
 
     def _decompress_ar(self, y_string: bytes, y_hat: Tensor, params: Tensor, height: int,
-                       width: int, kernel_size: int, padding: int) -> None:
+                       width: int, kernel_size: int, padding: int, *rate) -> None:
         gc = self.gaussian_conditional
-        weight = self._masked_weight()
+        weight, shift = self._masked_weight(), self._rate_shift(*rate)
         stream = entropy.open_stream(gc, y_string, *self._tables())
         for h in range(height):
             for w in range(width):
-                scales, means = self._position_params(y_hat, params, h, w, kernel_size, weight)
-                values = stream.decode(gc.build_indexes(scales).flatten().tolist())
-                q = torch.tensor(values, dtype=torch.int32).reshape(means.shape)
-                y_hat[:, :, h + padding, w + padding] = gc.dequantize(q, means)
+                scales, means = self._position_params(y_hat, params, h, w, kernel_size, weight,
+                                                      shift)
+                index = gc.build_indexes(self._coding_scales(scales, *rate))
+                q = torch.tensor(stream.decode(index.flatten().tolist()),
+                                 dtype=torch.float32).reshape(means.shape)
+                y_hat[:, :, h + padding, w + padding] = self._reconstruct(q, scales, means, *rate)
         stream.close()
 
 
@@ -113,21 +131,26 @@ class Mbt2018Vbr(SerialContextCoding, JointAutoregressiveHierarchicalPriorsVbr):
     scaled by the rate point's gain before rounding, whose context is shifted by a learned
     function of that gain, and whose reconstruction is moved off the bin centre (QuantABCD).
 
-    CompressAI's ``compress``/``decompress`` (1.2.8) call these two loops with the gain;
-    only its default path (stage 2, with offsets, ``ste_recursive``) is coded, the one its
-    ``forward`` trains. The bytes are those CompressAI writes; its own decoder reads them once
+    CompressAI's ``compress``/``decompress`` (1.2.8) call the two position loops with the
+    gain, its inverse and the stage, which the hooks below apply; only its default path
+    (stage 2, with offsets, ``ste_recursive``) is coded, the one its ``forward`` trains.
+    The bytes are those CompressAI writes; its own decoder reads them once
     the context kernel is masked (its decoder, unlike its encoder, uses the raw kernel, which
     only a stage-1 forward masks in place).
     """
 
-    def _rate_terms(self, scale: Tensor, stage: int) -> Tensor:
+    def _rate_shift(self, scale: Tensor, rescale: Tensor, stage: int) -> Tensor:
         if stage != 2 or self.no_quantoffset or not self.ste_recursive:
             raise ValueError(f"{type(self).__name__} codes stage 2 with quantisation offsets "
                              f"only, not stage={stage}")
         return self.scale_to_context(scale.view(1, 1)).view(1, -1, 1, 1)
 
+    def _symbols(self, y: Tensor, means: Tensor, scale: Tensor, *_) -> Tensor:
+        centred = (y - means) * scale
+        return torch.sign(centred) * torch.round(centred.abs())
+
     def _reconstruct(self, q: Tensor, scales: Tensor, means: Tensor, scale: Tensor,
-                     rescale: Tensor) -> Tensor:
+                     rescale: Tensor, *_) -> Tensor:
         """y of integer symbols ``q`` (1xM): the bin centre moved by the learned offset."""
         q_abs, signs = q.abs(), torch.sign(q)
         stdev = self.gaussian_conditional.lower_bound_scale(scales * scale).unsqueeze(2)
@@ -135,39 +158,5 @@ class Mbt2018Vbr(SerialContextCoding, JointAutoregressiveHierarchicalPriorsVbr):
         offsets[q_abs < 0.0001] = 0  # a zero stays zero
         return signs * (q_abs + offsets) * rescale + means
 
-    def _compress_ar(self, y_hat: Tensor, params: Tensor, height: int, width: int,
-                     kernel_size: int, padding: int, scale: Tensor, rescale: Tensor,
-                     stage: int) -> bytes:
-        gc = self.gaussian_conditional
-        weight = self._masked_weight()
-        shift = self._rate_terms(scale, stage)
-        symbols: list[int] = []
-        indexes: list[int] = []
-        for h in range(height):
-            for w in range(width):
-                scales, means = self._position_params(y_hat, params, h, w, kernel_size, weight,
-                                                      shift)
-                centred = (y_hat[:, :, h + padding, w + padding] - means) * scale
-                q = torch.sign(centred) * torch.round(centred.abs())
-                y_hat[:, :, h + padding, w + padding] = self._reconstruct(q, scales, means, scale,
-                                                                          rescale)
-                symbols += q.int().flatten().tolist()
-                indexes += gc.build_indexes(scales * scale).flatten().tolist()
-        return gc.entropy_coder.encode_with_indexes(symbols, indexes, *self._tables())
-
-    def _decompress_ar(self, y_string: bytes, y_hat: Tensor, params: Tensor, height: int,
-                       width: int, kernel_size: int, padding: int, scale: Tensor,
-                       rescale: Tensor, stage: int) -> None:
-        gc = self.gaussian_conditional
-        weight = self._masked_weight()
-        shift = self._rate_terms(scale, stage)
-        stream = entropy.open_stream(gc, y_string, *self._tables())
-        for h in range(height):
-            for w in range(width):
-                scales, means = self._position_params(y_hat, params, h, w, kernel_size, weight,
-                                                      shift)
-                values = stream.decode(gc.build_indexes(scales * scale).flatten().tolist())
-                q = torch.tensor(values, dtype=torch.float32).reshape(means.shape)
-                y_hat[:, :, h + padding, w + padding] = self._reconstruct(q, scales, means, scale,
-                                                                          rescale)
-        stream.close()
+    def _coding_scales(self, scales: Tensor, scale: Tensor, *_) -> Tensor:
+        return scales * scale
